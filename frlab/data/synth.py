@@ -1,0 +1,486 @@
+"""SynthFaces: a procedural face renderer with explicit identity and nuisance factors.
+
+A *world* is fixed by a seed. In it, identity `i` has shape and appearance factors (face outline,
+eye/brow/nose/mouth geometry, skin, hair, iris and lip colour) drawn from its group's prior, and
+image `j` of identity `i` has nuisance factors (yaw, pitch, roll, light, expression, resolution,
+blur, noise, glasses, mask, background) drawn from distributions the user sets. All randomness
+comes from a counter-based integer hash of (seed, identity, image, factor), so:
+
+* the same (identity, image) renders the same bytes in any batch, on any run;
+* no state is stored: 10,000 identities x 50 images cost nothing until rendered;
+* changing one nuisance distribution leaves every other factor of every image unchanged
+  (each distribution maps the same per-image uniform number through its inverse CDF).
+
+Rendering is batched pure PyTorch on the device of your choice. The face is a head ellipsoid with
+Lambertian shading; features live on its surface and are rotated by yaw and pitch (they shift,
+foreshorten and fade when they turn away: self-occlusion), the whole image by roll. Resolution is
+a down-sample then up-sample to the output size, blur a Gaussian, noise additive.
+
+    world = SynthFaces(range(0, 1000), images_per_identity=20, seed=0)
+    images, labels, meta = world.batch(torch.arange(64))     # 64 x 3 x 64 x 64 in [0, 1]
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------- counter-based randomness
+_M32 = 0xFFFFFFFF
+_C = 0x45D9F3B  # < 2**31, so a 32-bit value times it fits in int64 without overflow
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Mueller's), computed in int64 so it is exact on every device."""
+    x = x & _M32
+    x = ((x ^ (x >> 16)) * _C) & _M32
+    x = ((x ^ (x >> 16)) * _C) & _M32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(*keys: torch.Tensor | int) -> torch.Tensor:
+    """Uniform numbers in (0, 1), a pure function of the integer keys (broadcast together)."""
+    h = torch.as_tensor(0x9E3779B9, dtype=torch.int64)
+    for k in keys:
+        k = torch.as_tensor(k, dtype=torch.int64)
+        h = _mix(h.to(k.device) + _mix(k + 0x7F4A7C15))
+    return (h.double() + 0.5) / 2**32
+
+
+# ---------------------------------------------------------------- sampling distributions
+@dataclass(frozen=True)
+class Normal:
+    """Normal(mean, std) truncated to [lo, hi] (by clamping)."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    lo: float = -math.inf
+    hi: float = math.inf
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return (self.mean + self.std * torch.special.ndtri(u)).clamp(self.lo, self.hi)
+
+
+@dataclass(frozen=True)
+class Uniform:
+    lo: float = 0.0
+    hi: float = 1.0
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return self.lo + (self.hi - self.lo) * u
+
+
+@dataclass(frozen=True)
+class Bernoulli:
+    p: float = 0.5
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return (u < self.p).double()
+
+
+@dataclass(frozen=True)
+class Const:
+    value: float = 0.0
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(u, self.value)
+
+
+@dataclass(frozen=True)
+class Nuisance:
+    """How each nuisance factor is distributed. Angles in degrees; resolution is the factor by
+    which the image is down-sampled (1 = full resolution, 4 = a quarter of the pixels per side)."""
+
+    yaw: Normal | Uniform | Const = Normal(0.0, 25.0, -90.0, 90.0)
+    pitch: Normal | Uniform | Const = Normal(0.0, 10.0, -40.0, 40.0)
+    roll: Normal | Uniform | Const = Normal(0.0, 8.0, -30.0, 30.0)
+    light_azimuth: Normal | Uniform | Const = Uniform(-70.0, 70.0)
+    light_strength: Normal | Uniform | Const = Uniform(0.3, 0.9)
+    expression: Normal | Uniform | Const = Uniform(-1.0, 1.0)
+    resolution: Normal | Uniform | Const = Normal(1.0, 1.2, 1.0, 8.0)
+    blur: Normal | Uniform | Const = Normal(0.0, 0.4, 0.0, 2.0)
+    noise: Normal | Uniform | Const = Normal(0.0, 0.03, 0.0, 0.15)
+    glasses: Bernoulli | Const = Bernoulli(0.15)
+    mask: Bernoulli | Const = Bernoulli(0.05)
+    background: Normal | Uniform | Const = Uniform(0.0, 1.0)
+
+    @staticmethod
+    def frontal() -> "Nuisance":
+        """Easy conditions: frontal, sharp, unoccluded, even light."""
+        return Nuisance(
+            yaw=Const(0), pitch=Const(0), roll=Const(0), light_azimuth=Const(0), light_strength=Const(0.5),
+            expression=Const(0), resolution=Const(1), blur=Const(0), noise=Const(0), glasses=Const(0),
+            mask=Const(0),
+        )
+
+
+NUISANCES = tuple(f.name for f in fields(Nuisance))
+
+
+# ---------------------------------------------------------------- identity factors and groups
+# (name, low, high): a factor is low + (high - low) * sigmoid(group offset + spread * z), z ~ N(0, 1)
+SHAPE = (
+    ("face_w", 0.52, 0.74), ("face_h", 0.72, 0.90), ("jaw", 0.0, 0.45),
+    ("eye_x", 0.20, 0.34), ("eye_y", 0.08, 0.26), ("eye_w", 0.08, 0.15), ("eye_h", 0.035, 0.08),
+    ("brow_gap", 0.06, 0.16), ("brow_tilt", -0.35, 0.35), ("brow_thick", 0.015, 0.05),
+    ("nose_y", -0.20, -0.04), ("nose_len", 0.05, 0.25), ("nose_w", 0.05, 0.12),
+    ("mouth_y", -0.50, -0.30), ("mouth_w", 0.12, 0.30), ("lip", 0.02, 0.06),
+    ("hairline", 0.35, 0.80), ("hair_volume", 0.0, 0.18), ("iris", 0.45, 0.85),
+)
+COLOUR = (("skin", 3), ("hair", 3), ("eye", 3), ("lips", 3))
+SHAPE_NAMES = tuple(n for n, _, _ in SHAPE)
+
+
+@dataclass(frozen=True)
+class Group:
+    """A demographic-like group: an appearance prior and a between-identity spread.
+
+    `spread` scales how far identities deviate from the group's mean shape: a group with a small
+    spread has identities that look alike, so a model separates them less well.
+    """
+
+    name: str = "all"
+    weight: float = 1.0
+    spread: float = 1.0
+    skin: tuple[float, float, float] = (0.80, 0.62, 0.50)
+    hair: tuple[float, float, float] = (0.25, 0.18, 0.12)
+    colour_spread: float = 0.12
+    shape_offset: float = 0.0  # shifts every shape factor's mean (in logit units)
+
+
+DEFAULT_GROUPS = (Group(),)
+
+
+def _draw_identities(ids: torch.Tensor, seed: int, groups: Sequence[Group]) -> dict[str, torch.Tensor]:
+    """Identity factors of global identity ids (float64, on ids' device)."""
+    w = torch.tensor([g.weight for g in groups], dtype=torch.float64, device=ids.device)
+    cdf = torch.cumsum(w / w.sum(), 0)
+    group = torch.searchsorted(cdf, hash_uniform(seed, ids, -1, 0).contiguous()).clamp(max=len(groups) - 1)
+    spread = torch.tensor([g.spread for g in groups], dtype=torch.float64, device=ids.device)[group]
+    offset = torch.tensor([g.shape_offset for g in groups], dtype=torch.float64, device=ids.device)[group]
+    out: dict[str, torch.Tensor] = {"group": group}
+    for k, (name, lo, hi) in enumerate(SHAPE):
+        z = torch.special.ndtri(hash_uniform(seed, ids, -1, 1 + k))
+        out[name] = lo + (hi - lo) * torch.sigmoid(offset + 1.2 * spread * z)
+    base = {"skin": [g.skin for g in groups], "hair": [g.hair for g in groups]}
+    for c, (name, dim) in enumerate(COLOUR):
+        z = torch.special.ndtri(hash_uniform(seed, ids[:, None], -2, 10 * c + torch.arange(dim, device=ids.device)))
+        if name in base:
+            mean = torch.tensor(base[name], dtype=torch.float64, device=ids.device)[group]
+            cs = torch.tensor([g.colour_spread for g in groups], dtype=torch.float64, device=ids.device)[group]
+            shade = torch.special.ndtri(hash_uniform(seed, ids[:, None], -2, 10 * c + 9))  # dark to light
+            tint = cs[:, None] * spread[:, None] * z * 0.35
+            out[name] = (mean * torch.exp(cs[:, None] * spread[:, None] * 3 * shade) + tint).clamp(0.02, 1.0)
+        else:
+            out[name] = torch.sigmoid(0.8 * z - (1.0 if name == "eye" else 0.0))
+    out["lips"] = (0.55 * out["skin"] + 0.45 * torch.sigmoid(out["lips"] + torch.tensor([0.9, -0.8, -0.6], dtype=torch.float64, device=ids.device))).clamp(0, 1)
+    return out
+
+
+def difficulty(meta: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A scalar in [0, ~1.5]: 0 for a frontal, sharp, unoccluded image; grows with each nuisance."""
+    return (
+        (meta["yaw"].abs() / 90.0) ** 1.5 * 0.8
+        + (meta["pitch"].abs() / 40.0) ** 1.5 * 0.3
+        + torch.log2(meta["resolution"]) / 3.0 * 0.6
+        + meta["blur"] / 2.0 * 0.2
+        + meta["noise"] / 0.15 * 0.2
+        + meta["glasses"] * 0.1
+        + meta["mask"] * 0.4
+    )
+
+
+# ---------------------------------------------------------------- the renderer
+def _ellipse(x, y, cx, cy, rx, ry, sharp):
+    """Soft mask (B, H, W) of an axis-aligned ellipse; sharp is in pixels per unit."""
+    rx, ry = rx.clamp(min=1e-3), ry.clamp(min=1e-3)
+    d = torch.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + 1e-12)
+    r = torch.minimum(rx, ry) * sharp  # the smaller radius in pixels
+    return torch.sigmoid((1.0 - d) * r) * r.clamp(max=1.0)  # features under a pixel fade out
+
+
+def _over(img, colour, alpha):
+    """Paint colour (B, 3, 1, 1) or (B, 3, H, W) over img with alpha (B, H, W)."""
+    a = alpha.unsqueeze(1)
+    return img * (1 - a) + colour * a
+
+
+def render(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], size: int = 64) -> torch.Tensor:
+    """Render faces from factor tensors (one row each). Returns (B, 3, size, size) float32 in [0, 1].
+
+    `identity` holds the factors of `SHAPE` and `COLOUR` ((B,) and (B, 3)), `nuis` those of
+    `Nuisance` ((B,)), all on the device to render on.
+    """
+    dev = nuis["yaw"].device
+    f = {k: v.float()[:, None, None] if v.dim() == 1 else v.float() for k, v in identity.items()}
+    n = {k: v.float()[:, None, None] for k, v in nuis.items()}
+    B = nuis["yaw"].shape[0]
+    t = (torch.arange(size, device=dev, dtype=torch.float32) + 0.5) / size * 2 - 1
+    gy, gx = torch.meshgrid(-t, t, indexing="ij")  # y up
+    roll = torch.deg2rad(n["roll"])
+    x = gx * torch.cos(roll) - gy * torch.sin(roll)
+    y = gx * torch.sin(roll) + gy * torch.cos(roll)
+    sharp = size / 2  # pixels per unit: edges are about one pixel soft
+
+    yaw, pitch = torch.deg2rad(n["yaw"]), torch.deg2rad(n["pitch"])
+    a, b = f["face_w"], f["face_h"]
+    c = 0.75 * a  # head depth
+    # head outline: an ellipse whose lower half narrows towards the jaw
+    jaw = 1 - f["jaw"] * (-y / b).clamp(min=0) ** 2
+    head = _ellipse(x, y, 0, 0, a * jaw, b, sharp)
+    hair_back = _ellipse(x, y - 0.1, 0, 0.05, a + f["hair_volume"], b + f["hair_volume"], sharp) * (y > -0.1 * b)
+
+    # Lambertian shading on the head ellipsoid (camera-aligned), light from the side
+    u = (1 - (x / (a * jaw)) ** 2 - (y / b) ** 2).clamp(min=0)
+    nz = torch.sqrt(u) / c
+    nx, ny = x / (a * jaw) ** 2, y / b**2
+    norm = torch.sqrt(nx**2 + ny**2 + nz**2 + 1e-9)
+    az = torch.deg2rad(n["light_azimuth"])
+    lx, lz = torch.sin(az), torch.cos(az)
+    lam = ((nx * lx + nz * lz + 0.25 * ny) / norm).clamp(min=0)
+    shade = (1 - n["light_strength"]) + n["light_strength"] * 1.35 * lam
+
+    def place(fx, fy, depth=0.0):
+        """Project a point on the head surface at local (fx, fy): returns px, py, sx, sy, visible."""
+        ax = torch.asin((fx / a).clamp(-0.99, 0.99))
+        ay = torch.asin((fy / b).clamp(-0.99, 0.99))
+        rx = torch.sqrt((c**2) * (1 - (fx / a) ** 2 - (fy / b) ** 2).clamp(min=0.01)) + depth
+        px = fx * torch.cos(yaw) + rx * torch.sin(yaw)
+        pz = -fx * torch.sin(yaw) + rx * torch.cos(yaw)
+        py = fy * torch.cos(pitch) + pz * torch.sin(pitch)
+        sx = torch.cos(yaw + ax).clamp(min=0.12)
+        sy = torch.cos(pitch + ay).clamp(min=0.12)
+        vis = torch.sigmoid(12 * torch.cos(yaw + ax)) * torch.sigmoid(12 * torch.cos(pitch + ay))
+        return px, py, sx, sy, vis
+
+    bg = n["background"].unsqueeze(1) * torch.tensor([0.55, 0.60, 0.65], device=dev).view(1, 3, 1, 1) + 0.2
+    img = bg + 0.08 * gy.view(1, 1, size, size)
+    hair = f["hair"].view(B, 3, 1, 1)
+    img = _over(img, hair, hair_back)
+    face = f["skin"].view(B, 3, 1, 1) * torch.ones(1, 1, size, size, device=dev)
+
+    # hair on the head: above a hairline that turns with the head
+    hx, hy, _, _, hvis = place(torch.zeros_like(a), f["hairline"] * b)
+    hairline = hy - 0.15 * ((x - hx) / a) ** 2
+    face = _over(face, hair, torch.sigmoid((y - hairline) * sharp * 0.5))
+
+    expr = n["expression"]
+    for side in (-1.0, 1.0):
+        ex, ey = side * f["eye_x"], f["eye_y"]
+        px, py, sx, sy, vis = place(ex, ey)
+        ew, eh = f["eye_w"] * sx, f["eye_h"] * sy * (1 + 0.25 * expr.clamp(max=0))
+        face = _over(face, torch.tensor([0.95, 0.95, 0.92], device=dev).view(1, 3, 1, 1), vis * _ellipse(x, y, px, py, ew, eh, sharp))
+        ir = f["iris"] * eh
+        face = _over(face, f["eye"].view(B, 3, 1, 1), vis * _ellipse(x, y, px, py, ir * sx.clamp(min=0.5), ir, sharp))
+        face = _over(face, torch.zeros(1, 3, 1, 1, device=dev), vis * _ellipse(x, y, px, py, 0.4 * ir, 0.4 * ir, sharp))
+        # brow: a thin tilted bar above the eye, raised by a positive expression
+        bx, by, bsx, bsy, bvis = place(ex, ey + f["eye_h"] + f["brow_gap"] + 0.03 * expr)
+        tilt = side * f["brow_tilt"] * 0.15
+        brow = _ellipse(x, y - tilt * (x - bx) / (f["eye_w"] + 1e-3), bx, by, 1.3 * f["eye_w"] * bsx, f["brow_thick"] * bsy, sharp)
+        face = _over(face, 0.7 * hair, bvis * brow)
+
+    # nose: a protruding ridge (it moves more than flat features when the head turns) with a shadow
+    nx_, ny_, nsx, nsy, nvis = place(torch.zeros_like(a), f["nose_y"], depth=f["nose_len"])
+    side_shadow = 0.35 * torch.sigmoid(4 * torch.sin(yaw)) + 0.1
+    nose = _ellipse(x, y, nx_ + 0.25 * f["nose_w"] * torch.sin(yaw), ny_, f["nose_w"] * nsx, 1.4 * f["nose_w"], sharp)
+    face = _over(face, f["skin"].view(B, 3, 1, 1) * (1 - side_shadow.unsqueeze(1)), 0.8 * nvis * nose)
+    for side in (-1.0, 1.0):
+        qx, qy, _, _, qvis = place(side * 0.45 * f["nose_w"], f["nose_y"] - 0.6 * f["nose_w"], depth=0.5 * f["nose_len"])
+        face = _over(face, 0.35 * f["skin"].view(B, 3, 1, 1), qvis * _ellipse(x, y, qx, qy, 0.25 * f["nose_w"], 0.15 * f["nose_w"], sharp))
+
+    # mouth: a smile bends it, an open mouth shows a dark gap
+    mx, my, msx, msy, mvis = place(torch.zeros_like(a), f["mouth_y"])
+    curve = 0.8 * expr * ((x - mx) / (f["mouth_w"] + 1e-3)) ** 2 * f["mouth_w"] * 0.5
+    lip_h = f["lip"] * msy * (1 + 0.8 * expr.clamp(min=0))
+    mouth = _ellipse(x, y - curve, mx, my, f["mouth_w"] * msx, lip_h, sharp)
+    face = _over(face, f["lips"].view(B, 3, 1, 1), mvis * mouth)
+    gap = _ellipse(x, y - curve, mx, my, 0.8 * f["mouth_w"] * msx, 0.35 * lip_h * expr.clamp(min=0), sharp)
+    face = _over(face, torch.full((1, 3, 1, 1), 0.1, device=dev), mvis * gap)
+
+    # occlusions
+    g = n["glasses"]
+    for side in (-1.0, 1.0):
+        px, py, sx, sy, vis = place(side * f["eye_x"], f["eye_y"])
+        outer = _ellipse(x, y, px, py, 1.5 * f["eye_w"] * sx, 2.4 * f["eye_h"] + 0.02, sharp)
+        inner = _ellipse(x, y, px, py, 1.5 * f["eye_w"] * sx - 0.03, 2.4 * f["eye_h"] - 0.01, sharp)
+        face = _over(face, torch.full((1, 3, 1, 1), 0.08, device=dev), g * vis * (outer - inner).clamp(0, 1))
+        face = _over(face, torch.full((1, 3, 1, 1), 0.25, device=dev), 0.25 * g * vis * inner)
+    mask_top = place(torch.zeros_like(a), f["nose_y"] - 0.02)[1]
+    mask = torch.sigmoid((mask_top - y) * sharp * 0.5) * (y > -b)
+    face = _over(face, torch.tensor([0.72, 0.82, 0.92], device=dev).view(1, 3, 1, 1), n["mask"] * mask)
+
+    img = _over(img, face * shade.unsqueeze(1), head).clamp(0, 1)
+    img = _degrade(img, nuis)
+    return img.clamp(0, 1)
+
+
+def _degrade(img: torch.Tensor, nuis: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Resolution (down then up), Gaussian blur and additive noise, each per image."""
+    B, _, H, W = img.shape
+    small = torch.round(H / nuis["resolution"].float()).clamp(4, H).long()
+    out = img.clone()
+    for s in torch.unique(small).tolist():
+        if s >= H:
+            continue
+        idx = (small == s).nonzero().squeeze(1)
+        lo = F.interpolate(img[idx], size=(s, s), mode="area")
+        out[idx] = F.interpolate(lo, size=(H, W), mode="bilinear", align_corners=False)
+    sigma = nuis["blur"].float()
+    if bool((sigma > 0.05).any()):
+        r = 4
+        k = torch.arange(-r, r + 1, device=img.device, dtype=torch.float32)
+        w = torch.exp(-0.5 * (k[None] / sigma.clamp(min=1e-3)[:, None]) ** 2)
+        w = torch.where(sigma[:, None] > 0.05, w, (k == 0).float()[None])
+        w = (w / w.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (B*3, 2r+1)
+        z = F.pad(out.reshape(1, B * 3, H, W), (r, r, r, r), mode="replicate")
+        z = F.conv2d(z, w.view(B * 3, 1, 1, -1), groups=B * 3)
+        out = F.conv2d(z, w.view(B * 3, 1, -1, 1), groups=B * 3).view(B, 3, H, W)
+    return out
+
+
+# ---------------------------------------------------------------- the data set
+@dataclass
+class SynthFaces:
+    """A set of synthetic faces: the given global identity ids x `images_per_identity` images.
+
+    Sample k is image k % K of identity ids[k // K]; its label is k // K (0 .. len(ids) - 1).
+    Two SynthFaces with the same seed and groups share one world: identity 7 looks the same in
+    both, so identity-disjoint train and test sets are just disjoint id ranges.
+    """
+
+    identities: Sequence[int] | range = range(100)
+    images_per_identity: int = 10
+    seed: int = 0
+    size: int = 64
+    nuisance: Nuisance = field(default_factory=Nuisance)
+    groups: Sequence[Group] = DEFAULT_GROUPS
+
+    def __post_init__(self):
+        if self.size < 16:
+            raise ValueError(f"size must be at least 16 pixels, got {self.size}")
+        if self.images_per_identity < 1 or len(self.identities) < 1:
+            raise ValueError("SynthFaces needs at least one identity and one image per identity")
+        self.ids = torch.as_tensor(list(self.identities), dtype=torch.int64)
+        self._identity = _draw_identities(self.ids, self.seed, self.groups)
+        self._meta: dict[str, torch.Tensor] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids) * self.images_per_identity
+
+    def with_nuisance(self, **changes) -> "SynthFaces":
+        """The same identities and images under other nuisance distributions."""
+        return replace(self, nuisance=replace(self.nuisance, **changes))
+
+    def nuisance_of(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        label, image = index // self.images_per_identity, index % self.images_per_identity
+        gid = self.ids[label]
+        return {
+            name: getattr(self.nuisance, name)(hash_uniform(self.seed, gid, image, 100 + k))
+            for k, name in enumerate(NUISANCES)
+        }
+
+    @property
+    def meta(self) -> dict[str, torch.Tensor]:
+        """Metadata of every sample without rendering: label, identity, group, nuisances, difficulty."""
+        if self._meta is None:
+            self._meta = self.meta_of(torch.arange(len(self)))
+        return self._meta
+
+    def meta_of(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(index, dtype=torch.int64)
+        label = index // self.images_per_identity
+        m = {"label": label, "identity": self.ids[label], "group": self._identity["group"][label]}
+        m.update({k: v.float() for k, v in self.nuisance_of(index).items()})
+        m["difficulty"] = difficulty(m)
+        return m
+
+    def identity_factors(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[labels] for k, v in self._identity.items() if k != "group"}
+
+    def batch(self, index, device: torch.device | str = "cpu"):
+        """Render samples `index` -> (images (B, 3, H, W), labels (B,), metadata dict)."""
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(self)):
+            raise IndexError(f"sample index out of range [0, {len(self)})")
+        meta = self.meta_of(index)
+        ident = {k: v.to(device) for k, v in self.identity_factors(meta["label"]).items()}
+        nuis = {k: meta[k].to(device) for k in NUISANCES}
+        images = render(ident, nuis, self.size)
+        images = _add_noise(images, self.seed, meta["identity"].to(device), (index % self.images_per_identity).to(device), nuis["noise"])
+        return images, meta["label"].to(device), meta
+
+    def render(self, label: int, device: torch.device | str = "cpu", **nuisance: float) -> torch.Tensor:
+        """One face of identity `label` under explicit nuisance values (frontal defaults): (3, H, W)."""
+        unknown = set(nuisance) - set(NUISANCES)
+        if unknown:
+            raise ValueError(f"unknown nuisance {sorted(unknown)}; choose from {', '.join(NUISANCES)}")
+        values = {k: c.value for k, c in vars(Nuisance.frontal()).items() if isinstance(c, Const)}
+        values.update(background=0.5, **nuisance)
+        nuis = {k: torch.tensor([float(values[k])], device=device) for k in NUISANCES}
+        ident = {k: v.to(device) for k, v in self.identity_factors(torch.tensor([label])).items()}
+        img = render(ident, nuis, self.size)
+        return _add_noise(img, self.seed, self.ids[[label]].to(device), torch.tensor([-1], device=device), nuis["noise"])[0]
+
+    def __getitem__(self, i: int):
+        images, labels, _ = self.batch([i])
+        return images[0], int(labels[0])
+
+
+def _add_noise(images, seed, identity, image, std):
+    if not bool((std > 0).any()):
+        return images
+    B, C, H, W = images.shape
+    pix = torch.arange(C * H * W, device=images.device).view(1, C, H, W)
+    u = hash_uniform(seed, identity.view(B, 1, 1, 1), image.view(B, 1, 1, 1), pix + 1000).float()
+    return (images + (u - 0.5) * math.sqrt(12.0) * std.float().view(B, 1, 1, 1)).clamp(0, 1)
+
+
+# ---------------------------------------------------------------- rendered once, kept in memory
+@dataclass
+class FaceTensors:
+    """Rendered faces held in memory as uint8 (a quarter of float32), with the same `batch` API."""
+
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64, 0 .. num_classes - 1
+    meta: dict[str, torch.Tensor]
+    num_classes: int
+    fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index, device: torch.device | str = "cpu"):
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        images = self.images[index].to(device, non_blocking=True).float().div_(255)
+        return images, self.labels[index].to(device), {k: v[index] for k, v in self.meta.items()}
+
+    def subset(self, mask_or_index) -> "FaceTensors":
+        idx = torch.as_tensor(mask_or_index)
+        idx = idx.nonzero().squeeze(1) if idx.dtype == torch.bool else idx.long()
+        return FaceTensors(self.images[idx], self.labels[idx], {k: v[idx] for k, v in self.meta.items()},
+                           self.num_classes, f"{self.fingerprint}[{_digest(idx)}]")
+
+
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest()[:12]
+
+
+def materialize(faces: SynthFaces, batch_size: int = 512, device: torch.device | str = "cpu", progress: bool = True) -> FaceTensors:
+    """Render every sample of `faces` once (on `device`) and keep them as uint8 on the CPU."""
+    from tqdm.auto import tqdm
+
+    chunks = []
+    for start in tqdm(range(0, len(faces), batch_size), desc="rendering", disable=not progress, leave=False):
+        images, _, _ = faces.batch(torch.arange(start, min(start + batch_size, len(faces))), device)
+        chunks.append(images.mul(255).round_().to(torch.uint8).cpu())
+    meta = faces.meta
+    return FaceTensors(torch.cat(chunks), meta["label"].clone(), dict(meta), faces.num_classes, repr(faces))

@@ -1,0 +1,99 @@
+"""Evaluation: embeddings, verification (ROC, AUC, EER, TPR at FPR), identification.
+
+Everything is vectorized over pairs (one sort for a whole ROC). Results are plain dicts of floats,
+ready for `Run.log` and metrics.json.
+
+    emb, labels, meta = embed(model, test_data, flip=True)
+    i, j, same = all_pairs(labels)
+    scores = (emb[i] * emb[j]).sum(1)
+    verification(scores, same)    # {"auc": ..., "eer": ..., "tpr@fpr=1e-03": ..., ...}
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+FPR_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+@torch.no_grad()
+def embed(model, data, batch_size: int = 256, flip: bool = False, device: str | torch.device = "cpu", progress: bool = False):
+    """L2-normalized embeddings of every sample of `data` (with flip: of the image plus its mirror)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    out, labels = [], []
+    for start in tqdm(range(0, len(data), batch_size), desc="embedding", disable=not progress, leave=False):
+        images, y, _ = data.batch(torch.arange(start, min(start + batch_size, len(data))), device)
+        e = model(images)
+        if flip:
+            e = e + model(images.flip(3))
+        out.append(F.normalize(e.float(), dim=1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(out), torch.cat(labels), data.meta
+
+
+def all_pairs(labels: torch.Tensor):
+    """Every unordered pair (i < j): indices i, j and whether they share a label."""
+    i, j = torch.triu_indices(len(labels), len(labels), 1)
+    return i, j, labels[i] == labels[j]
+
+
+def roc(scores: torch.Tensor, same: torch.Tensor):
+    """ROC at every distinct threshold: (fpr, tpr, thresholds), fpr ascending, starting at (0, 0)."""
+    scores, same = scores.reshape(-1).double(), same.reshape(-1).bool()
+    n_pos, n_neg = int(same.sum()), int((~same).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"verification needs genuine and impostor pairs, got {n_pos} and {n_neg}")
+    order = torch.argsort(scores, descending=True)
+    s, y = scores[order], same[order]
+    tps, fps = torch.cumsum(y, 0), torch.cumsum(~y, 0)
+    last = torch.ones_like(s, dtype=torch.bool)  # last position of each distinct score
+    last[:-1] = s[1:] != s[:-1]
+    zero = torch.zeros(1, dtype=torch.float64)
+    fpr = torch.cat([zero, fps[last].double() / n_neg])
+    tpr = torch.cat([zero, tps[last].double() / n_pos])
+    thr = torch.cat([torch.tensor([math.inf], dtype=torch.float64), s[last]])
+    return fpr, tpr, thr
+
+
+def tpr_at_fpr(fpr: torch.Tensor, tpr: torch.Tensor, level: float) -> float:
+    """The highest TPR among thresholds whose FPR does not exceed `level`."""
+    idx = int(torch.searchsorted(fpr, torch.tensor([level], dtype=fpr.dtype), right=True)) - 1
+    return float(tpr[idx])
+
+
+def verification(scores: torch.Tensor, same: torch.Tensor, levels=FPR_LEVELS) -> dict[str, float]:
+    """AUC, EER, and TPR at each FPR level the number of impostor pairs supports (>= 1 false accept)."""
+    fpr, tpr, _ = roc(scores, same)
+    n_neg = int((~same).sum())
+    fnr = 1 - tpr
+    k = int(torch.argmin((fnr - fpr).abs()))
+    out = {
+        "auc": float(torch.trapezoid(tpr, fpr)),
+        "eer": float((fpr[k] + fnr[k]) / 2),
+        "pairs_genuine": int(same.sum()),
+        "pairs_impostor": n_neg,
+    }
+    for level in levels:
+        if level * n_neg >= 1:
+            out[f"tpr@fpr={level:.0e}"] = tpr_at_fpr(fpr, tpr, level)
+    return out
+
+
+def identification(gallery: torch.Tensor, gallery_labels: torch.Tensor, probe: torch.Tensor, probe_labels: torch.Tensor,
+                   max_rank: int = 10, chunk: int = 4096) -> dict[str, float]:
+    """Rank-k accuracy (CMC) of probes against a gallery of normalized embeddings, in chunks of
+    probes so that memory stays at chunk x len(gallery) scores."""
+    hits = torch.zeros(max_rank, dtype=torch.float64)
+    for start in range(0, len(probe), chunk):
+        p, pl = probe[start:start + chunk], probe_labels[start:start + chunk]
+        scores = p @ gallery.T
+        top = scores.topk(min(max_rank, gallery.shape[0]), dim=1).indices
+        correct = gallery_labels[top] == pl[:, None]
+        first = torch.where(correct.any(1), correct.float().argmax(1), torch.full_like(pl, max_rank))
+        hits += torch.bincount(first[first < max_rank], minlength=max_rank).double()
+    cmc = torch.cumsum(hits, 0) / len(probe)
+    return {"rank1": float(cmc[0]), "cmc": cmc.tolist()}

@@ -1,0 +1,229 @@
+"""Margin heads: one contract for every classifier of face embeddings.
+
+    head = ArcFace(in_features=512, num_classes=10_000)      # published defaults: s=64, m=0.5
+    loss = head(embeddings, labels)                          # mean over the batch
+    head.weight                                              # (num_classes, in_features) proxies
+    head.logits(embeddings)                                  # cosines to every proxy, for inspection
+
+How the margin heads stay cheap: the only B x C work is the classifier's own (one matrix product
+of normalized embeddings and proxies, cross-entropy). The margin touches just the B target
+logits: the target cosine is recomputed in float32 from the B target proxies (B x D work, exact
+even under bf16/fp16 autocast) and written over the target column in place. Everything a margin
+adds is therefore O(B x D) next to the O(B x D x C) the bare classifier costs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _check(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Validate a batch (one host sync for all value checks); return the labels as int64."""
+    C, D = weight.shape
+    if x.dim() != 2 or x.shape[1] != D:
+        raise ValueError(f"embeddings must have shape (batch, {D}), got {tuple(x.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
+        raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError("empty batch")
+    ok = torch.stack([torch.isfinite(x).all(), labels.min() >= 0, labels.max() < C]).cpu()
+    if not ok[0]:
+        raise ValueError("embeddings contain NaN or inf")
+    if not (ok[1] and ok[2]):
+        raise ValueError(f"labels must lie in [0, {C}), got range [{int(labels.min())}, {int(labels.max())}]")
+    return labels.long()
+
+
+class Head(nn.Module):
+    """Base class: a (num_classes, in_features) weight of class proxies, normalized cosines."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        if in_features < 1 or num_classes < 2:
+            raise ValueError(f"need in_features >= 1 and num_classes >= 2, got {in_features}, {num_classes}")
+        self.in_features, self.num_classes = in_features, num_classes
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        # unit-scale proxies: with the official codes' std=0.01 a proxy's norm is ~0.01 sqrt(D), so
+        # the gradient through its normalization is ~1 / norm times larger, and small models diverge
+        nn.init.normal_(self.weight, std=in_features**-0.5)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        # fp16/bf16 inputs outside autocast are promoted to the weight's dtype
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.weight.dtype)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine of each embedding to each class proxy, (B, C)."""
+        x = self._input(x)
+        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+
+    def target_cosine(self, xn: torch.Tensor, wn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """cos(theta_y) in float32, from the B target proxies only."""
+        return (xn.float() * wn[labels].float()).sum(1).clamp(-1.0, 1.0)
+
+    def extra_repr(self) -> str:
+        hp = {k: v for k, v in vars(self).items() if k in ("s", "m", "k", "r", "delta", "t_momentum")}
+        return f"in_features={self.in_features}, num_classes={self.num_classes}, " + ", ".join(
+            f"{k}={v}" for k, v in hp.items()
+        )
+
+
+class _MarginSoftmax(Head):
+    """Normalized softmax whose target logit is s * target(cos_y); subclasses define target."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float, m: float = 0.0):
+        super().__init__(in_features, num_classes)
+        if s <= 0:
+            raise ValueError(f"scale s must be positive, got {s}")
+        self.s, self.m = float(s), float(m)
+
+    def target(self, cos_y: torch.Tensor) -> torch.Tensor:
+        return cos_y
+
+    def scaled_logits(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """s * cos with the margin applied to the target column: the input of cross-entropy."""
+        x = self._input(x)
+        xn, wn = F.normalize(x, dim=1), F.normalize(self.weight, dim=1)
+        logits = F.linear(xn * self.s, wn).float()  # s folded into the B x D side: no B x C multiply
+        cos_y = self.target_cosine(xn, wn, labels)
+        logits = self.adjust_negatives(logits, cos_y, labels)
+        return logits.scatter_(1, labels[:, None], (self.s * self.target(cos_y))[:, None])
+
+    def adjust_negatives(self, logits: torch.Tensor, cos_y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = _check(x, labels, self.weight)
+        return F.cross_entropy(self.scaled_logits(x, labels), labels)
+
+
+class Softmax(Head):
+    """Plain linear classifier (no bias) + cross-entropy: the unnormalized baseline.
+
+    `logits` still returns cosines, so every head can be inspected the same way.
+    """
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = _check(x, labels, self.weight)
+        return F.cross_entropy(F.linear(self._input(x), self.weight).float(), labels)
+
+
+class NormFace(_MarginSoftmax):
+    """NormFace (Wang et al. 2017): logits s * cos(theta_j), no margin."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0):
+        super().__init__(in_features, num_classes, s)
+
+
+class CosFace(_MarginSoftmax):
+    """CosFace / AM-Softmax (Wang et al. 2018): target logit s * (cos(theta_y) - m)."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.35):
+        super().__init__(in_features, num_classes, s, m)
+
+    def target(self, cos_y: torch.Tensor) -> torch.Tensor:
+        return cos_y - self.m
+
+
+def arc_target(cos_y: torch.Tensor, m: float) -> torch.Tensor:
+    """cos(theta_y + m), falling back to cos(theta_y) - m sin(m) where theta_y + m > pi.
+
+    The fallback (from the official ArcFace code) keeps the target logit decreasing in theta_y;
+    sin(theta) is computed from a clamped 1 - cos^2 so that the gradient stays finite at cos = +-1.
+    """
+    sin_y = torch.sqrt((1.0 - cos_y * cos_y).clamp(min=1e-12))
+    phi = cos_y * math.cos(m) - sin_y * math.sin(m)
+    return torch.where(cos_y > math.cos(math.pi - m), phi, cos_y - m * math.sin(m))
+
+
+class ArcFace(_MarginSoftmax):
+    """ArcFace (Deng et al. 2019): target logit s * cos(theta_y + m), with the usual fallback
+    s * (cos(theta_y) - m sin(m)) where theta_y + m > pi (see `arc_target`)."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5):
+        super().__init__(in_features, num_classes, s, m)
+
+    def target(self, cos_y: torch.Tensor) -> torch.Tensor:
+        return arc_target(cos_y, self.m)
+
+
+class CurricularFace(_MarginSoftmax):
+    """CurricularFace (Huang et al. 2020): ArcFace's target; a hard negative j, one with
+    cos(theta_j) > cos(theta_y + m), gets the logit s * cos(theta_j) * (t + cos(theta_j)).
+
+    `t` (a buffer, starting at 0) follows the batch-mean target cosine and is updated in training
+    mode before it is used: t <- t_momentum * mean(cos(theta_y)) + (1 - t_momentum) * t. The paper
+    writes the momentum as alpha = 0.99 on the old value; the official code puts 0.01 on the new
+    batch mean, and frlab follows the code (TFace uses 0.1: pass t_momentum=0.1). The hardness
+    mask compares with cos(theta_y + m) before the fallback, as the official code does.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5, t_momentum: float = 0.01):
+        super().__init__(in_features, num_classes, s, m)
+        if not 0.0 <= t_momentum <= 1.0:
+            raise ValueError(f"t_momentum must lie in [0, 1], got {t_momentum}")
+        self.t_momentum = float(t_momentum)
+        self.register_buffer("t", torch.zeros(()))
+
+    def target(self, cos_y: torch.Tensor) -> torch.Tensor:
+        return arc_target(cos_y, self.m)
+
+    def adjust_negatives(self, logits: torch.Tensor, cos_y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.t.mul_(1 - self.t_momentum).add_(self.t_momentum * cos_y.mean())
+        sin_y = torch.sqrt((1.0 - cos_y * cos_y).clamp(min=1e-12))
+        cos_ym = cos_y * math.cos(self.m) - sin_y * math.sin(self.m)  # before the fallback
+        threshold = (self.s * cos_ym)[:, None]
+        cos = logits / self.s
+        t = self.t.to(logits.dtype)
+        return torch.where(logits > threshold, self.s * cos * (t + cos), logits)
+
+
+class NPT(Head):
+    """NPT, nearest-proxies triplet loss (Khalid et al., arXiv 2103.03503).
+
+    With embeddings and proxies on a sphere of radius r,
+        L = 2 r^2 * sum over the k nearest negative proxies of max(0, cos_k - cos_y + delta / (2 r^2)),
+    averaged over the batch; delta = r^2 by default (an inner margin of 0.5). The target proxy is
+    masked out before the top-k, so it is never taken as a negative (the released code fills the
+    target slot with 0, which selects it when every negative cosine is below 0; frlab does not).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, k: int = 1, r: float = 1.0, delta: float | None = None):
+        super().__init__(in_features, num_classes)
+        if not 1 <= k < num_classes:
+            raise ValueError(f"k must lie in [1, num_classes - 1] = [1, {num_classes - 1}], got {k}")
+        if r <= 0:
+            raise ValueError(f"radius r must be positive, got {r}")
+        self.k, self.r = int(k), float(r)
+        self.delta = float(r * r if delta is None else delta)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = _check(x, labels, self.weight)
+        x = self._input(x)
+        xn, wn = F.normalize(x, dim=1), F.normalize(self.weight, dim=1)
+        cos = F.linear(xn, wn).float()
+        cos_y = self.target_cosine(xn, wn, labels)
+        cos = cos.scatter_(1, labels[:, None], float("-inf"))  # never a negative
+        nearest = cos.topk(self.k, dim=1).values
+        hinge = (nearest - cos_y[:, None] + self.delta / (2 * self.r**2)).clamp(min=0)
+        return 2 * self.r**2 * hinge.sum(1).mean()
+
+
+HEADS = {cls.__name__.lower(): cls for cls in (Softmax, NormFace, CosFace, ArcFace, CurricularFace, NPT)}
+
+
+def make_head(name: str, in_features: int, num_classes: int, **kwargs) -> Head:
+    """A head by (case-insensitive) name, e.g. make_head("arcface", 512, 1000, m=0.4)."""
+    try:
+        cls = HEADS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown head {name!r}; choose from {', '.join(HEADS)}") from None
+    return cls(in_features, num_classes, **kwargs)

@@ -1,0 +1,124 @@
+"""A notebook's typed `parameters` cell, read without starting a kernel.
+
+Every notebook has one code cell tagged `parameters` (papermill's convention). Each line in it is
+an annotated assignment of a literal, optionally followed by the value used in smoke runs:
+
+    steps: int = 400        # smoke: 20
+    heads: list[str] = ["arcface", "cosface"]
+    run_dir: str = ""       # set by the runner: where metrics.json and figures/ go
+
+`read_parameters` returns them in order; `coerce` turns a command-line string into a value of the
+declared type or raises `ParameterError` with a message that lists every valid parameter.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import json
+import re
+import tokenize
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+RESERVED = {"run_dir"}  # set by the runner, never by the user
+_SMOKE = re.compile(r"#\s*smoke:\s*(.+?)\s*$")
+
+
+class ParameterError(ValueError):
+    """A parameter that does not exist, or a value that does not fit its declared type."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    type: str  # "int", "float", "str", "bool" or "list[<scalar>]"
+    default: Any
+    smoke: Any = None
+    has_smoke: bool = False
+
+    def check(self, value: Any, where: str = "") -> Any:
+        """Return `value` if it fits the declared type (ints are accepted as floats)."""
+        if self.type.startswith("list["):
+            item = Parameter(self.name, self.type[5:-1], None)
+            if not isinstance(value, list):
+                raise ParameterError(f"{self.name}{where}: expected {self.type}, got {value!r}")
+            return [item.check(v, where) for v in value]
+        kind = SCALARS[self.type]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is not kind:
+            raise ParameterError(f"{self.name}{where}: expected {self.type}, got {value!r}")
+        return value
+
+
+def _annotation(node: ast.expr, src: str) -> str:
+    text = ast.get_source_segment(src, node) or ""
+    text = text.replace(" ", "")
+    if text in SCALARS or (text.startswith("list[") and text.endswith("]") and text[5:-1] in SCALARS):
+        return text
+    raise ParameterError(f"unsupported parameter type {text!r}; use int, float, str, bool or list[...] of them")
+
+
+def parameters_cell(nb: dict) -> str:
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ParameterError(f"expected exactly one cell tagged 'parameters', found {len(cells)}")
+    src = cells[0]["source"]
+    return "".join(src) if isinstance(src, list) else src
+
+
+def parse_parameters(src: str) -> dict[str, Parameter]:
+    """Parse the source of a parameters cell into {name: Parameter}."""
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT and (m := _SMOKE.search(tok.string)):
+            comments[tok.start[0]] = m.group(1)
+    params: dict[str, Parameter] = {}
+    for stmt in ast.parse(src).body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None):
+            line = ast.get_source_segment(src, stmt)
+            raise ParameterError(f"parameters cell: every line must be `name: type = literal`, not {line!r}")
+        name = stmt.target.id
+        p = Parameter(name, _annotation(stmt.annotation, src), None)
+        default = p.check(ast.literal_eval(stmt.value), " (default)")
+        smoke_src = comments.get(stmt.lineno)
+        smoke = p.check(ast.literal_eval(smoke_src), " (smoke)") if smoke_src is not None else None
+        params[name] = Parameter(name, p.type, default, smoke, smoke_src is not None)
+    return params
+
+
+def read_parameters(path: str | Path) -> dict[str, Parameter]:
+    return parse_parameters(parameters_cell(json.loads(Path(path).read_text())))
+
+
+def describe(params: dict[str, Parameter]) -> str:
+    return ", ".join(f"{p.name}: {p.type}" for p in params.values() if p.name not in RESERVED)
+
+
+def coerce(params: dict[str, Parameter], name: str, text: str) -> Any:
+    """Convert a command-line string to the declared type of parameter `name`."""
+    if name not in params or name in RESERVED:
+        why = "is set by the runner (use --out)" if name in RESERVED else "is not a parameter"
+        raise ParameterError(f"{name!r} {why}; valid parameters: {describe(params)}")
+    p = params[name]
+    try:
+        if p.type == "str":
+            value: Any = text
+        elif p.type == "bool":
+            low = text.strip().lower()
+            if low not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError
+            value = low in {"true", "1", "yes"}
+        elif p.type.startswith("list["):
+            value = ast.literal_eval(text) if text.strip().startswith("[") else [
+                coerce({"x": Parameter("x", p.type[5:-1], None)}, "x", t) for t in text.split(",") if t.strip()
+            ]
+        else:
+            value = ast.literal_eval(text.strip())
+        return p.check(value)
+    except (ValueError, SyntaxError, ParameterError):
+        raise ParameterError(
+            f"{name}={text!r} is not a valid {p.type}; valid parameters: {describe(params)}"
+        ) from None

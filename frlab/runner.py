@@ -1,0 +1,228 @@
+"""`python -m frlab run`: execute notebooks headlessly with papermill, one folder per run.
+
+    python -m frlab run NOTEBOOK... [-p NAME VALUE]... [--smoke] [--out DIR]
+    python -m frlab run --all [--smoke]
+
+Parameters are checked against each notebook's typed `parameters` cell before any kernel starts.
+Each run writes runs/<notebook>/<run-id>/ with the executed notebook, params.json (values, seed,
+versions, git commit, wall time), the metrics.json and figures/ the notebook itself writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .params import ParameterError, coerce, describe, read_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def notebooks_dir() -> Path:
+    for root in (Path.cwd(), REPO):
+        if (root / "notebooks").is_dir():
+            return root / "notebooks"
+    return Path.cwd() / "notebooks"
+
+
+def all_notebooks() -> list[Path]:
+    return sorted(notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+
+
+def resolve(name: str) -> Path:
+    """A path, a file name in notebooks/, or a stem with or without its number: 00_quickstart, quickstart."""
+    p = Path(name)
+    if p.suffix == ".ipynb" and p.is_file():
+        return p.resolve()
+    stem = p.name.removesuffix(".ipynb")
+    found = [nb for nb in all_notebooks() if stem in (nb.stem, nb.stem[3:])]
+    if len(found) == 1:
+        return found[0].resolve()
+    known = ", ".join(nb.stem for nb in all_notebooks()) or "none"
+    raise ParameterError(f"no notebook {name!r}; available: {known}")
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import papermill
+    import torch
+
+    from . import __version__
+
+    return {
+        "frlab": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "papermill": papermill.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda or "none",
+    }
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+@dataclass
+class Plan:
+    notebook: Path
+    values: dict[str, Any]
+    smoke: bool
+
+
+@dataclass
+class Result:
+    notebook: str
+    run_dir: Path
+    ok: bool
+    wall_s: float
+    headline: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+def plan(notebook: Path, overrides: list[tuple[str, str]], smoke: bool) -> Plan:
+    """Resolve a notebook's parameter values; raise ParameterError before any kernel starts."""
+    params = read_parameters(notebook)
+    values = {name: p.default for name, p in params.items()}
+    if smoke:
+        values.update({name: p.smoke for name, p in params.items() if p.has_smoke})
+    for name, text in overrides:
+        try:
+            values[name] = coerce(params, name, text)
+        except ParameterError as e:
+            raise ParameterError(f"{notebook.stem}: {e}") from None
+    return Plan(notebook, values, smoke)
+
+
+def new_run_dir(out: Path, stem: str, smoke: bool) -> Path:
+    base = time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if smoke else "")
+    for i in range(1000):
+        d = out / stem / (base if i == 0 else f"{base}-{i}")
+        try:
+            d.mkdir(parents=True)
+            (d / "figures").mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder under {out / stem}")
+
+
+def execute(p: Plan, out: Path) -> Result:
+    import papermill as pm
+
+    run_dir = new_run_dir(out, p.notebook.stem, p.smoke)
+    meta = {
+        "notebook": p.notebook.name,
+        "smoke": p.smoke,
+        "parameters": p.values,
+        "seed": p.values.get("seed"),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(run_dir / "params.json", meta)
+    t0 = time.perf_counter()
+    error = ""
+    try:
+        pm.execute_notebook(
+            str(p.notebook),
+            str(run_dir / p.notebook.name),
+            parameters={**p.values, "run_dir": str(run_dir)},
+            kernel_name="python3",
+            cwd=str(p.notebook.parent),
+            progress_bar=sys.stderr.isatty(),
+        )
+    except pm.PapermillExecutionError as e:
+        first = (e.source or "").strip().splitlines()[:1]
+        error = (
+            f"cell {e.cell_index} (execution count {e.exec_count}"
+            + (f", starting `{first[0][:60]}`" if first else "")
+            + f") raised {e.ename}: {e.evalue}"
+        )
+    except Exception as e:  # kernel died, notebook unreadable, ...
+        error = f"{type(e).__name__}: {e}"
+    wall = time.perf_counter() - t0
+    meta.update(wall_s=round(wall, 2), status="failed" if error else "ok", error=error)
+    write_json(run_dir / "params.json", meta)
+    headline = {}
+    if (run_dir / "metrics.json").exists():
+        headline = json.loads((run_dir / "metrics.json").read_text()).get("headline", {})
+    return Result(p.notebook.stem, run_dir, not error, wall, headline, error)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def summary(results: list[Result], root: Path) -> str:
+    lines = [
+        "| notebook | status | wall | headline metrics | run folder |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        metrics = ", ".join(f"{k} = {fmt(v)}" for k, v in r.headline.items()) or "-"
+        rel = r.run_dir.relative_to(root) if r.run_dir.is_relative_to(root) else r.run_dir
+        lines.append(f"| {r.notebook} | {'ok' if r.ok else 'FAILED'} | {r.wall_s:.0f} s | {metrics} | {rel} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m frlab", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="execute notebooks headlessly with papermill")
+    r.add_argument("notebooks", nargs="*", metavar="NOTEBOOK", help="path, file name or stem (00_quickstart, quickstart)")
+    r.add_argument("--all", action="store_true", help="every notebooks/NN_*.ipynb, in order")
+    r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    r.add_argument("--smoke", action="store_true", help="use each notebook's smoke parameters (seconds, for CI)")
+    r.add_argument("--out", type=Path, default=REPO / "runs", help="root folder of the runs (default: runs/)")
+    args = ap.parse_args(argv)
+    logging.getLogger("papermill").setLevel(logging.WARNING)
+
+    try:
+        names = [resolve(n) for n in args.notebooks]
+        if args.all:
+            names += [nb for nb in all_notebooks() if nb.resolve() not in names]
+        if not names:
+            raise ParameterError("no notebook given; name one or use --all")
+        plans = [plan(nb, args.param, args.smoke) for nb in names]
+    except (ParameterError, OSError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    out = args.out.resolve()
+    results = []
+    for i, p in enumerate(plans, 1):
+        print(f"[{i}/{len(plans)}] {p.notebook.stem}{' (smoke)' if p.smoke else ''} ...", flush=True)
+        res = execute(p, out)
+        results.append(res)
+        status = "ok" if res.ok else f"FAILED: {res.error}"
+        print(f"[{i}/{len(plans)}] {res.notebook}: {status} in {res.wall_s:.1f} s -> {res.run_dir}", flush=True)
+    table = summary(results, out)
+    if args.all:
+        (out / "summary.md").write_text(f"# Latest runs{' (smoke)' if args.smoke else ''}\n\n" + table)
+    print("\n" + table, end="")
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"error: {r.notebook} failed in {r.error}; see {r.run_dir / (r.notebook + '.ipynb')}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,238 @@
+"""Every head against a naive float64 reference written here, loop by loop, for values and gradients."""
+import math
+
+import pytest
+import torch
+
+from frlab import heads
+
+
+# ------------------------------------------------------------------ naive references (float64, loops)
+def cosines(x, w):
+    x, w = x.double(), w.double()
+    return torch.stack([torch.stack([(xi @ wj) / (xi.norm() * wj.norm()) for wj in w]) for xi in x])
+
+
+def ce(logits, y):
+    return torch.logsumexp(logits, 0) - logits[y]
+
+
+def ref_margin(x, w, labels, s, target):
+    cos = cosines(x, w)
+    losses = []
+    for b, y in enumerate(labels.tolist()):
+        logits = [s * cos[b, j] if j != y else s * target(cos[b, y]) for j in range(w.shape[0])]
+        losses.append(ce(torch.stack(logits), y))
+    return torch.stack(losses).mean()
+
+
+def ref_arc_target(c, m):
+    theta = torch.acos(c.clamp(-1, 1))
+    if theta + m <= math.pi:
+        return torch.cos(theta + m)
+    return c - m * math.sin(m)
+
+
+def ref_softmax(x, w, labels):
+    x, w = x.double(), w.double()
+    return torch.stack([ce(torch.stack([xi @ wj for wj in w]), y) for xi, y in zip(x, labels.tolist())]).mean()
+
+
+def ref_curricular(x, w, labels, s, m, t_old, momentum):
+    cos = cosines(x, w)
+    cos_y = torch.stack([cos[b, y] for b, y in enumerate(labels.tolist())])
+    t = momentum * cos_y.detach().mean() + (1 - momentum) * t_old
+    losses = []
+    for b, y in enumerate(labels.tolist()):
+        theta = torch.acos(cos_y[b].clamp(-1, 1))
+        boundary = torch.cos(theta + m)  # hardness is judged before the fallback
+        logits = []
+        for j in range(w.shape[0]):
+            c = cos[b, j]
+            if j == y:
+                logits.append(s * ref_arc_target(c, m))
+            elif c > boundary:
+                logits.append(s * c * (t + c))
+            else:
+                logits.append(s * c)
+        losses.append(ce(torch.stack(logits), y))
+    return torch.stack(losses).mean(), t
+
+
+def ref_npt(x, w, labels, k, r, delta):
+    cos = cosines(x, w)
+    losses = []
+    for b, y in enumerate(labels.tolist()):
+        negatives = sorted((cos[b, j] for j in range(w.shape[0]) if j != y), key=lambda c: c.item(), reverse=True)[:k]
+        losses.append(2 * r**2 * sum(torch.clamp(c - cos[b, y] + delta / (2 * r**2), min=0) for c in negatives))
+    return torch.stack(losses).mean()
+
+
+CASES = {
+    "softmax": (lambda D, C: heads.Softmax(D, C), lambda h, x, y: ref_softmax(x, h.weight, y)),
+    "normface": (lambda D, C: heads.NormFace(D, C), lambda h, x, y: ref_margin(x, h.weight, y, 64.0, lambda c: c)),
+    "cosface": (lambda D, C: heads.CosFace(D, C), lambda h, x, y: ref_margin(x, h.weight, y, 64.0, lambda c: c - 0.35)),
+    "arcface": (lambda D, C: heads.ArcFace(D, C), lambda h, x, y: ref_margin(x, h.weight, y, 64.0, lambda c: ref_arc_target(c, 0.5))),
+    "arcface_s30_m02": (lambda D, C: heads.ArcFace(D, C, s=30, m=0.2), lambda h, x, y: ref_margin(x, h.weight, y, 30.0, lambda c: ref_arc_target(c, 0.2))),
+    "curricular": (lambda D, C: heads.CurricularFace(D, C), lambda h, x, y: ref_curricular(x, h.weight, y, 64.0, 0.5, 0.0, 0.01)[0]),
+    "npt": (lambda D, C: heads.NPT(D, C), lambda h, x, y: ref_npt(x, h.weight, y, 1, 1.0, 1.0)),
+    "npt_k3_r2": (lambda D, C: heads.NPT(D, C, k=3, r=2.0, delta=1.5), lambda h, x, y: ref_npt(x, h.weight, y, 3, 2.0, 1.5)),
+}
+
+
+def make(name, D=8, C=6, B=10, seed=0):
+    torch.manual_seed(seed)
+    head = CASES[name][0](D, C)
+    with torch.no_grad():
+        head.weight.normal_()
+    x = torch.randn(B, D)
+    y = torch.randint(0, C, (B,))
+    return head, x, y
+
+
+def check_against_reference(name, head, x, y, rtol=1e-4, atol=1e-5):
+    ref_fn = CASES[name][1]
+    x32 = x.clone().requires_grad_(True)
+    loss = head(x32, y)
+    loss.backward()
+    gx, gw = x32.grad.clone(), head.weight.grad.clone()
+    head.weight.grad = None
+
+    x64 = x.double().clone().requires_grad_(True)
+    w64 = head.weight.detach().double().clone().requires_grad_(True)
+    ref_head = type("W", (), {"weight": w64})()
+    ref = ref_fn(ref_head, x64, y)
+    ref.backward()
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=rtol, atol=atol)
+    scale = max(1.0, float(x64.grad.abs().max()), float(w64.grad.abs().max()))
+    torch.testing.assert_close(gx.double(), x64.grad, rtol=rtol, atol=atol * scale)
+    torch.testing.assert_close(gw.double(), w64.grad, rtol=rtol, atol=atol * scale)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_value_and_gradient_match_reference(name):
+    head, x, y = make(name)
+    check_against_reference(name, head, x, y)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_sample_per_class(name):
+    head, x, _ = make(name, B=6, C=6)
+    check_against_reference(name, head, x, torch.arange(6))
+
+
+@pytest.mark.parametrize("name", ["arcface", "curricular", "cosface", "npt"])
+def test_theta_plus_m_beyond_pi_and_cos_near_minus_one(name):
+    """Embeddings pointing almost opposite their proxy: theta_y + m > pi, the ArcFace fallback."""
+    head, x, y = make(name, B=6, C=6)
+    with torch.no_grad():
+        x = -head.weight[y] + 0.05 * torch.randn_like(x)
+    check_against_reference(name, head, x, y)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "softmax"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_finite_at_cos_exactly_plus_minus_one(name, sign):
+    head, _, y = make(name, B=6, C=6)
+    x = (sign * head.weight[y]).detach().clone().requires_grad_(True)
+    loss = head(x, y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
+    # the value is still right (the reference needs no gradient here)
+    ref = CASES[name][1](type("W", (), {"weight": head.weight.detach().double()})(), x.detach().double(), y)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fp16_inputs(name):
+    head, x, y = make(name)
+    xh = x.half()
+    loss = head(xh, y)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    ref = CASES[name][1](type("W", (), {"weight": head.weight.detach().double()})(), xh.double(), y)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["arcface", "cosface", "curricular", "npt"])
+def test_bf16_autocast_keeps_the_margin_in_float32(name):
+    head, x, y = make(name, D=32, C=20, B=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(x, y)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    ref = CASES[name][1](type("W", (), {"weight": head.weight.detach().double()})(), x.double(), y)
+    # the B x C product is bf16 (3 significant digits, times s = 64); the target is exact float32
+    torch.testing.assert_close(loss.double(), ref, rtol=0.05, atol=0.05 * float(ref))
+
+
+def test_curricular_t_updates_before_use_and_carries_over():
+    head, x, y = make("curricular")
+    t = torch.tensor(0.0, dtype=torch.float64)
+    for step in range(3):
+        xs = x + 0.1 * step
+        loss = head(xs, y)
+        ref, t = ref_curricular(xs, head.weight.detach(), y, 64.0, 0.5, t, 0.01)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(head.t.double(), t, rtol=1e-5, atol=1e-7)
+    head.eval()
+    before = head.t.clone()
+    head(x, y)
+    assert head.t == before, "t must not move in eval mode"
+
+
+def test_npt_never_takes_the_target_as_a_negative():
+    """cos_y = 0.2 and every negative cosine below 0: the released code's zero-filled target slot
+    would be the nearest "negative" (loss 2 * (0 - 0.2 + 0.5) = 0.6); the true nearest negative has
+    cos = -0.1, so the loss is 2 * (-0.1 - 0.2 + 0.5) = 0.4."""
+    x = torch.tensor([[1.0, 0.0]])
+    angles = torch.acos(torch.tensor([0.2, -0.1, -0.5]))
+    signs = torch.tensor([1.0, -1.0, 1.0])
+    head = heads.NPT(2, 3, k=1)
+    with torch.no_grad():
+        head.weight.copy_(torch.stack([torch.cos(angles), signs * torch.sin(angles)], 1))
+    loss = head(x, torch.tensor([0]))
+    assert math.isclose(float(loss), 0.4, rel_tol=1e-5)
+    assert math.isclose(float(ref_npt(x, head.weight.detach(), torch.tensor([0]), 1, 1.0, 1.0)), 0.4, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_proxies_move_after_one_optimizer_step(name):
+    head, x, y = make(name)
+    before = head.weight.detach().clone()
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    head(x, y).backward()
+    opt.step()
+    assert not torch.equal(before, head.weight.detach())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_are_cosines(name):
+    head, x, _ = make(name)
+    torch.testing.assert_close(head.logits(x).double(), cosines(x, head.weight.detach()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "x, y, message",
+    [
+        (torch.randn(4, 7), torch.tensor([0, 1, 2, 3]), "shape"),
+        (torch.randn(4, 8), torch.tensor([0, 1, 2]), "labels must have shape"),
+        (torch.randn(4, 8), torch.tensor([0, 1, 2, 6]), r"labels must lie in \[0, 6\)"),
+        (torch.randn(4, 8), torch.tensor([0, 1, -1, 3]), r"labels must lie in \[0, 6\)"),
+        (torch.tensor([[float("nan")] * 8] * 4), torch.tensor([0, 1, 2, 3]), "NaN or inf"),
+        (torch.randn(4, 8), torch.tensor([0.0, 1, 2, 3]), "integer"),
+    ],
+)
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_rejected_with_a_clear_error(name, x, y, message):
+    head = CASES[name][0](8, 6)
+    with pytest.raises((ValueError, TypeError), match=message):
+        head(x, y)
+
+
+def test_bad_hyper_parameters():
+    with pytest.raises(ValueError, match="k must lie"):
+        heads.NPT(8, 4, k=4)
+    with pytest.raises(ValueError, match="scale"):
+        heads.ArcFace(8, 4, s=0)
+    with pytest.raises(ValueError, match="unknown head"):
+        heads.make_head("arcfce", 8, 4)
