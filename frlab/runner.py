@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .params import ParameterError, coerce, describe, read_parameters
+from .params import ParameterError, coerce, parameters_cell, parse_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,6 +81,7 @@ class Plan:
     notebook: Path
     values: dict[str, Any]
     smoke: bool
+    params_cell: int  # index of the parameters cell
 
 
 @dataclass
@@ -95,7 +96,8 @@ class Result:
 
 def plan(notebook: Path, overrides: list[tuple[str, str]], smoke: bool) -> Plan:
     """Resolve a notebook's parameter values; raise ParameterError before any kernel starts."""
-    params = read_parameters(notebook)
+    nb = json.loads(notebook.read_text())
+    params = parse_parameters(parameters_cell(nb))
     values = {name: p.default for name, p in params.items()}
     if smoke:
         values.update({name: p.smoke for name, p in params.items() if p.has_smoke})
@@ -104,7 +106,8 @@ def plan(notebook: Path, overrides: list[tuple[str, str]], smoke: bool) -> Plan:
             values[name] = coerce(params, name, text)
         except ParameterError as e:
             raise ParameterError(f"{notebook.stem}: {e}") from None
-    return Plan(notebook, values, smoke)
+    index = next(i for i, c in enumerate(nb["cells"]) if "parameters" in c.get("metadata", {}).get("tags", []))
+    return Plan(notebook, values, smoke, index)
 
 
 def new_run_dir(out: Path, stem: str, smoke: bool) -> Path:
@@ -124,10 +127,11 @@ def execute(p: Plan, out: Path) -> Result:
     import papermill as pm
 
     run_dir = new_run_dir(out, p.notebook.stem, p.smoke)
+    values = {**p.values, "run_dir": str(run_dir)}
     meta = {
         "notebook": p.notebook.name,
         "smoke": p.smoke,
-        "parameters": p.values,
+        "parameters": values,
         "seed": p.values.get("seed"),
         "versions": versions(),
         "git_commit": git_commit(),
@@ -140,15 +144,18 @@ def execute(p: Plan, out: Path) -> Result:
         pm.execute_notebook(
             str(p.notebook),
             str(run_dir / p.notebook.name),
-            parameters={**p.values, "run_dir": str(run_dir)},
+            parameters=values,
             kernel_name="python3",
             cwd=str(p.notebook.parent),
             progress_bar=sys.stderr.isatty(),
         )
     except pm.PapermillExecutionError as e:
+        # papermill inserts one `injected-parameters` cell after the parameters cell: map back to
+        # the cell number (1-based, markdown included) of the notebook the user edits
+        cell = e.cell_index if e.cell_index <= p.params_cell else e.cell_index - 1
         first = (e.source or "").strip().splitlines()[:1]
         error = (
-            f"cell {e.cell_index} (execution count {e.exec_count}"
+            f"cell {cell + 1} (In [{e.exec_count}] of the executed notebook"
             + (f", starting `{first[0][:60]}`" if first else "")
             + f") raised {e.ename}: {e.evalue}"
         )

@@ -204,8 +204,7 @@ def _ellipse(x, y, cx, cy, rx, ry, sharp):
 
 def _over(img, colour, alpha):
     """Paint colour (B, 3, 1, 1) or (B, 3, H, W) over img with alpha (B, H, W)."""
-    a = alpha.unsqueeze(1)
-    return img * (1 - a) + colour * a
+    return torch.lerp(img, colour.expand_as(img), alpha.unsqueeze(1))
 
 
 def render(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], size: int = 64) -> torch.Tensor:
@@ -433,13 +432,31 @@ class SynthFaces:
         return images[0], int(labels[0])
 
 
+_NOISE_BANK: dict[tuple, torch.Tensor] = {}
+
+
+def _noise_bank(seed: int, size: int, device) -> torch.Tensor:
+    """64 fixed noise images (zero mean, unit variance, uniform), a pure function of (seed, size)."""
+    key = (seed, size, str(device))
+    if key not in _NOISE_BANK:
+        u = hash_uniform(seed, torch.arange(64 * 3 * size * size, device=device), -3).float()
+        _NOISE_BANK[key] = ((u - 0.5) * math.sqrt(12.0)).view(64, 3, size, size)
+    return _NOISE_BANK[key]
+
+
 def _add_noise(images, seed, identity, image, std):
+    """Additive noise, per image: one of 64 fixed noise fields, circularly shifted by amounts
+    hashed from (identity, image). As deterministic as hashing every pixel, at a gather's cost."""
     if not bool((std > 0).any()):
         return images
     B, C, H, W = images.shape
-    pix = torch.arange(C * H * W, device=images.device).view(1, C, H, W)
-    u = hash_uniform(seed, identity.view(B, 1, 1, 1), image.view(B, 1, 1, 1), pix + 1000).float()
-    return (images + (u - 0.5) * math.sqrt(12.0) * std.float().view(B, 1, 1, 1)).clamp(0, 1)
+    bank = _noise_bank(seed, H, images.device)
+    u = hash_uniform(seed, identity.view(B, 1), image.view(B, 1), torch.arange(1000, 1003, device=images.device))
+    k, dy, dx = (u * torch.tensor([64, H, W], device=images.device)).long().unbind(1)
+    rows = (torch.arange(H, device=images.device) + dy[:, None]) % H
+    cols = (torch.arange(W, device=images.device) + dx[:, None]) % W
+    noise = bank[k[:, None, None, None], torch.arange(C, device=images.device)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+    return (images + noise * std.float().view(B, 1, 1, 1)).clamp(0, 1)
 
 
 # ---------------------------------------------------------------- rendered once, kept in memory

@@ -1,0 +1,137 @@
+"""SynthFaces is deterministic and keeps identity across nuisances; ORL reads; splits are disjoint."""
+import hashlib
+
+import pytest
+import torch
+
+from frlab.data import ORL_TEST, ORL_TRAIN, Const, Group, Normal, SynthFaces, hash_uniform, materialize, orl_faces
+from frlab.train import pk_batches
+
+
+def digest(t):
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def test_same_seed_same_bytes_in_any_batch():
+    a = SynthFaces(range(20), images_per_identity=5, seed=3)
+    b = SynthFaces(range(20), images_per_identity=5, seed=3)
+    x, _, _ = a.batch(torch.arange(40))
+    y, _, _ = b.batch(torch.arange(39, -1, -1))
+    assert digest(x) == digest(y.flip(0))
+    single, _, _ = a.batch([17])
+    assert torch.equal(single[0], x[17]), "an image must not depend on the rest of its batch"
+
+
+def test_other_seed_other_faces():
+    x, _, _ = SynthFaces(range(4), seed=0).batch(torch.arange(8))
+    y, _, _ = SynthFaces(range(4), seed=1).batch(torch.arange(8))
+    assert (x - y).abs().mean() > 0.02
+
+
+def test_identity_is_a_world_property_shared_by_views():
+    """Identity 12 has the same factors (so the same frontal face) in any data set of the world."""
+    a = SynthFaces(range(10, 20), seed=5)
+    b = SynthFaces([3, 12, 40], seed=5)
+    torch.testing.assert_close(a.render(2), b.render(1))
+
+
+def test_changing_one_nuisance_distribution_keeps_every_other_factor():
+    a = SynthFaces(range(10), images_per_identity=4, seed=0)
+    b = a.with_nuisance(yaw=Const(0.0))
+    ma, mb = a.meta, b.meta
+    assert torch.equal(mb["yaw"], torch.zeros(40))
+    for k in ("pitch", "roll", "resolution", "glasses", "label", "identity", "group"):
+        assert torch.equal(ma[k], mb[k]), k
+
+
+def test_identity_kept_across_nuisance_changes():
+    """Under a nuisance change, a face stays closer to itself than to other identities' faces."""
+    faces = SynthFaces(range(30), seed=0)
+    frontal = torch.stack([faces.render(i) for i in range(30)]).flatten(1)
+    turned = torch.stack([faces.render(i, yaw=20.0, light_azimuth=30.0, expression=0.5) for i in range(30)]).flatten(1)
+    d = torch.cdist(turned, frontal)
+    assert (d.argmin(1) == torch.arange(30)).float().mean() > 0.9
+
+
+def test_nuisances_change_the_image():
+    faces = SynthFaces(range(1), seed=0)
+    base = faces.render(0)
+    for kw in ({"yaw": 60.0}, {"pitch": 30.0}, {"roll": 20.0}, {"resolution": 6.0}, {"blur": 1.5}, {"noise": 0.1},
+               {"glasses": 1.0}, {"mask": 1.0}, {"expression": 1.0}, {"light_azimuth": 60.0}):
+        assert (faces.render(0, **kw) - base).abs().mean() > 0.003, kw
+
+
+def test_metadata_and_difficulty():
+    faces = SynthFaces(range(50), images_per_identity=4, seed=0)
+    m = faces.meta
+    assert len(m["label"]) == 200 and m["label"].max() == 49
+    easy = SynthFaces(range(50), images_per_identity=4, seed=0, nuisance=faces.nuisance.frontal())
+    assert float(easy.meta["difficulty"].max()) == 0.0
+    assert float(m["difficulty"].mean()) > 0.1
+    hard = faces.with_nuisance(yaw=Normal(70, 5, -90, 90))
+    assert hard.meta["difficulty"].mean() > m["difficulty"].mean()
+
+
+def test_groups_follow_weights_and_differ_in_spread():
+    groups = [Group("a", weight=3, spread=1.0), Group("b", weight=1, spread=0.3, skin=(0.5, 0.35, 0.25))]
+    faces = SynthFaces(range(2000), seed=0, groups=groups)
+    share = float((faces.meta["group"][::faces.images_per_identity] == 1).float().mean())
+    assert 0.2 < share < 0.3
+    factors = faces._identity
+    g = factors["group"]
+    assert factors["eye_x"][g == 1].std() < 0.5 * factors["eye_x"][g == 0].std()
+
+
+@pytest.mark.parametrize("size", [32, 64, 112])
+def test_sizes_and_range(size):
+    x, y, _ = SynthFaces(range(3), images_per_identity=2, size=size).batch(torch.arange(6))
+    assert x.shape == (6, 3, size, size) and x.dtype == torch.float32
+    assert 0 <= float(x.min()) and float(x.max()) <= 1 and torch.isfinite(x).all()
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unknown nuisance"):
+        SynthFaces(range(2)).render(0, yaww=3)
+    with pytest.raises(IndexError):
+        SynthFaces(range(2), images_per_identity=2).batch([4])
+    with pytest.raises(ValueError, match="size"):
+        SynthFaces(range(2), size=8)
+
+
+def test_hash_uniform_is_uniform_and_key_sensitive():
+    u = hash_uniform(0, torch.arange(100_000), 1)
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    assert not torch.equal(u, hash_uniform(0, torch.arange(100_000), 2))
+
+
+def test_materialized_faces_match_rendered_ones():
+    faces = SynthFaces(range(4), images_per_identity=3)
+    data = materialize(faces, batch_size=5, progress=False)
+    x, y, _ = faces.batch(torch.arange(12))
+    xm, ym, _ = data.batch(torch.arange(12))
+    assert torch.equal(y, ym) and (x - xm).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_pk_sampler_gives_k_images_of_p_identities():
+    labels = torch.arange(20).repeat_interleave(torch.tensor([3, 5] * 10))  # some ids have fewer than K images
+    g = torch.Generator().manual_seed(0)
+    for batch in pk_batches(labels, batch_size=16, k=4, generator=g):
+        ids, counts = torch.unique(labels[batch], return_counts=True)
+        assert len(ids) == 4 and bool((counts == 4).all())
+        for i in ids:  # distinct images where the identity has at least K
+            picked = batch[labels[batch] == i]
+            assert len(torch.unique(picked)) == min(4, int((labels == i).sum()))
+
+
+def test_orl_faces_and_disjoint_split():
+    train, test = orl_faces(ORL_TRAIN, size=64), orl_faces(ORL_TEST, size=64)
+    assert train.images.shape == (300, 3, 64, 64) and test.images.shape == (100, 3, 64, 64)
+    assert set(train.meta["identity"].tolist()).isdisjoint(test.meta["identity"].tolist())
+    assert train.images.float().std() > 20  # real grey faces, not a blank array
+    assert torch.equal(train.labels[:10], torch.zeros(10, dtype=torch.long))
+
+
+def test_synth_train_and_test_ranges_are_disjoint():
+    a, b = SynthFaces(range(0, 100)), SynthFaces(range(10_000, 10_040))
+    assert set(a.meta["identity"].tolist()).isdisjoint(b.meta["identity"].tolist())

@@ -1,0 +1,62 @@
+"""Verification and identification metrics against small cases computed by hand."""
+import math
+
+import pytest
+import torch
+
+from frlab import eval as ev
+
+
+def test_roc_by_hand():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    same = torch.tensor([1, 1, 0, 1, 0, 0], dtype=torch.bool)
+    fpr, tpr, thr = ev.roc(scores, same)
+    assert fpr.tolist() == [0, 0, 0, 1 / 3, 1 / 3, 2 / 3, 1]
+    assert tpr.tolist() == [0, 1 / 3, 2 / 3, 2 / 3, 1, 1, 1]
+    assert math.isinf(thr[0]) and thr[1:].tolist() == pytest.approx(scores.tolist())
+    m = ev.verification(scores, same, levels=(0.5, 0.1))
+    # AUC = P(genuine > impostor) = 8 of 9 pairs
+    assert m["auc"] == pytest.approx(8 / 9)
+    assert m["eer"] == pytest.approx(1 / 3)
+    assert m["tpr@fpr=5e-01"] == pytest.approx(1.0)
+    assert "tpr@fpr=1e-01" not in m, "3 impostor pairs cannot support FPR 0.1"
+
+
+def test_ties_are_one_threshold():
+    scores = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    same = torch.tensor([1, 0, 1, 0], dtype=torch.bool)
+    fpr, tpr, _ = ev.roc(scores, same)
+    assert fpr.tolist() == [0, 1] and tpr.tolist() == [0, 1]
+    assert ev.verification(scores, same)["auc"] == pytest.approx(0.5)
+
+
+def test_tpr_at_fpr_and_auc_match_a_pairwise_count():
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(300, generator=g) + 1.5, torch.randn(2000, generator=g)
+    scores, same = torch.cat([pos, neg]), torch.cat([torch.ones(300), torch.zeros(2000)]).bool()
+    m = ev.verification(scores, same)
+    assert m["auc"] == pytest.approx(float((pos[:, None] > neg[None]).double().mean()), abs=1e-9)
+    for level in (1e-1, 1e-2, 1e-3):
+        k = int(level * 2000)  # at most k impostors may pass the threshold
+        threshold = neg.sort(descending=True).values[k]  # accept scores strictly above the (k+1)-th impostor
+        assert m[f"tpr@fpr={level:.0e}"] == pytest.approx(float((pos > threshold).double().mean()))
+
+
+def test_verification_needs_both_kinds():
+    with pytest.raises(ValueError, match="genuine and impostor"):
+        ev.verification(torch.rand(5), torch.ones(5, dtype=torch.bool))
+
+
+def test_identification_rank_k():
+    gallery = torch.eye(4)
+    labels = torch.tensor([0, 1, 2, 3])
+    probe = torch.tensor([[1.0, 0.1, 0, 0], [0.9, 0.5, 0, 0], [0, 0, 0.2, 1.0]])
+    out = ev.identification(gallery, labels, probe, torch.tensor([0, 1, 2]), max_rank=3, chunk=2)
+    assert out["rank1"] == pytest.approx(1 / 3)
+    assert out["cmc"] == pytest.approx([1 / 3, 1.0, 1.0])
+
+
+def test_all_pairs():
+    i, j, same = ev.all_pairs(torch.tensor([0, 0, 1]))
+    assert list(zip(i.tolist(), j.tolist())) == [(0, 1), (0, 2), (1, 2)]
+    assert same.tolist() == [True, False, False]

@@ -1,0 +1,128 @@
+"""The runner: parameters are parsed and checked before any kernel starts; errors are one clear line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from frlab.params import ParameterError, coerce, parse_parameters
+from frlab.runner import plan, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CELL = '''
+steps: int = 400        # smoke: 20
+rate: float = 0.1
+name: str = "arcface"   # smoke: "cosface"
+flag: bool = False
+sizes: list[int] = [32, 64]  # smoke: [32]
+run_dir: str = ""
+'''
+
+
+def test_parse_types_defaults_and_smoke_values():
+    p = parse_parameters(CELL)
+    assert list(p) == ["steps", "rate", "name", "flag", "sizes", "run_dir"]
+    assert (p["steps"].type, p["steps"].default, p["steps"].smoke) == ("int", 400, 20)
+    assert (p["name"].smoke, p["sizes"].smoke) == ("cosface", [32])
+    assert not p["rate"].has_smoke and p["rate"].type == "float"
+
+
+@pytest.mark.parametrize(
+    "src, message",
+    [
+        ("steps = 3", "every line must be"),
+        ("steps: int", "every line must be"),
+        ("steps: dict = {}", "unsupported parameter type"),
+        ("steps: int = 1.5", "expected int"),
+        ("steps: int = 3  # smoke: 'x'", r"steps \(smoke\): expected int"),
+        ("x: int = f(3)", "malformed|literal"),
+    ],
+)
+def test_malformed_parameter_cells_are_rejected(src, message):
+    with pytest.raises((ParameterError, ValueError), match=message):
+        parse_parameters(src)
+
+
+@pytest.mark.parametrize(
+    "name, text, value",
+    [("steps", "12", 12), ("rate", "1", 1.0), ("rate", "1e-3", 1e-3), ("name", "npt", "npt"), ("flag", "true", True),
+     ("flag", "0", False), ("sizes", "32,112", [32, 112]), ("sizes", "[16]", [16])],
+)
+def test_coerce_command_line_values(name, text, value):
+    got = coerce(parse_parameters(CELL), name, text)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("stpes", "3", r"'stpes' is not a parameter; valid parameters: steps: int, rate: float, name: str, flag: bool, sizes: list\[int\]$"),
+        ("steps", "3.5", r"steps='3.5' is not a valid int; valid parameters: steps: int"),
+        ("steps", "many", "is not a valid int"),
+        ("flag", "maybe", "is not a valid bool"),
+        ("sizes", "32,x", r"is not a valid list\[int\]"),
+        ("run_dir", "/tmp", "is set by the runner"),
+    ],
+)
+def test_bad_values_name_every_valid_parameter(name, text, message):
+    with pytest.raises(ParameterError, match=message):
+        coerce(parse_parameters(CELL), name, text)
+
+
+def test_plan_applies_smoke_then_overrides():
+    nb = resolve("00_quickstart")
+    defaults = plan(nb, [], smoke=False).values
+    smoke = plan(nb, [("seed", "3")], smoke=True).values
+    assert smoke["seed"] == 3 and smoke["epochs"] < defaults["epochs"]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "frlab", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "00_quickstart", "-p", "epoch", "3"], "error: 00_quickstart: 'epoch' is not a parameter; valid parameters: train_identities: int"),
+        (["run", "00_quickstart", "-p", "epochs", "three"], "error: 00_quickstart: epochs='three' is not a valid int; valid parameters:"),
+        (["run", "99_nothing"], "error: no notebook '99_nothing'; available: 00_quickstart"),
+        (["run"], "error: no notebook given"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2_without_a_kernel(args, message, tmp_path):
+    r = cli(*args, "--out", str(tmp_path))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(message), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir()), "nothing may run before the parameters are valid"
+
+
+FAILING = {
+    "cells": [
+        {"cell_type": "code", "execution_count": None, "id": "p", "metadata": {"tags": ["parameters"]}, "outputs": [],
+         "source": ["x: int = 1\n", "seed: int = 0\n", "run_dir: str = \"\""]},
+        {"cell_type": "code", "execution_count": None, "id": "a", "metadata": {}, "outputs": [], "source": ["y = x + 1"]},
+        {"cell_type": "code", "execution_count": None, "id": "b", "metadata": {}, "outputs": [], "source": ["assert y == 3, 'y is not three'"]},
+    ],
+    "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
+    "nbformat": 4,
+    "nbformat_minor": 5,
+}
+
+
+def test_failing_cell_is_named_and_exit_is_nonzero(tmp_path):
+    nb = tmp_path / "01_fails.ipynb"
+    nb.write_text(json.dumps(FAILING))
+    r = cli("run", str(nb), "--out", str(tmp_path / "runs"))
+    assert r.returncode == 1
+    assert "failed in cell 3 (In [4] of the executed notebook, starting `assert y == 3, 'y is not three'`) raised AssertionError: y is not three" in r.stderr
+    (run_dir,) = (tmp_path / "runs" / "01_fails").iterdir()
+    meta = json.loads((run_dir / "params.json").read_text())
+    assert meta["status"] == "failed" and meta["parameters"] == {"x": 1, "seed": 0, "run_dir": str(run_dir)}
+    assert (run_dir / "01_fails.ipynb").exists()
+
+    # the same notebook passes when the parameter makes it right
+    r = cli("run", str(nb), "-p", "x", "2", "--out", str(tmp_path / "runs"))
+    assert r.returncode == 0, r.stderr
