@@ -63,7 +63,7 @@ def ref_npt(x, w, labels, k, r, delta):
     cos = cosines(x, w)
     losses = []
     for b, y in enumerate(labels.tolist()):
-        negatives = sorted((cos[b, j] for j in range(w.shape[0]) if j != y), key=lambda c: c.item(), reverse=True)[:k]
+        negatives = sorted((cos[b, j] for j in range(w.shape[0]) if j != y), key=lambda c: float(c.detach()), reverse=True)[:k]
         losses.append(2 * r**2 * sum(torch.clamp(c - cos[b, y] + delta / (2 * r**2), min=0) for c in negatives))
     return torch.stack(losses).mean()
 
@@ -191,7 +191,7 @@ def test_npt_never_takes_the_target_as_a_negative():
     with torch.no_grad():
         head.weight.copy_(torch.stack([torch.cos(angles), signs * torch.sin(angles)], 1))
     loss = head(x, torch.tensor([0]))
-    assert math.isclose(float(loss), 0.4, rel_tol=1e-5)
+    assert math.isclose(loss.item(), 0.4, rel_tol=1e-5)
     assert math.isclose(float(ref_npt(x, head.weight.detach(), torch.tensor([0]), 1, 1.0, 1.0)), 0.4, rel_tol=1e-6)
 
 
