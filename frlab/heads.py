@@ -13,6 +13,7 @@ adds is therefore O(B x D) next to the O(B x D x C) the bare classifier costs.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -220,10 +221,19 @@ class NPT(Head):
 HEADS = {cls.__name__.lower(): cls for cls in (Softmax, NormFace, CosFace, ArcFace, CurricularFace, NPT)}
 
 
-def make_head(name: str, in_features: int, num_classes: int, **kwargs) -> Head:
-    """A head by (case-insensitive) name, e.g. make_head("arcface", 512, 1000, m=0.4)."""
+def make_head(name: str, in_features: int, num_classes: int, ignore_unknown: bool = False, **kwargs) -> Head:
+    """A head by (case-insensitive) name, e.g. make_head("arcface", 512, 1000, m=0.4).
+
+    With ignore_unknown=True, hyper-parameters the head does not have are dropped, so one call can
+    build every head of a comparison: make_head(name, D, C, ignore_unknown=True, s=16, m=0.2)
+    gives Softmax no s and NPT no m.
+    """
     try:
         cls = HEADS[name.lower()]
     except KeyError:
         raise ValueError(f"unknown head {name!r}; choose from {', '.join(HEADS)}") from None
-    return cls(in_features, num_classes, **kwargs)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "in_features", "num_classes"}
+    unknown = set(kwargs) - accepted
+    if unknown and not ignore_unknown:
+        raise ValueError(f"{cls.__name__} has no hyper-parameter {sorted(unknown)}; it takes {sorted(accepted) or 'none'}")
+    return cls(in_features, num_classes, **{k: v for k, v in kwargs.items() if k in accepted})

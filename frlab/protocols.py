@@ -106,6 +106,28 @@ def is_hard(meta: dict, min_yaw: float = 45.0, min_resolution: float = 3.0) -> t
     return (meta["yaw"].abs() >= min_yaw) | (meta["resolution"] >= min_resolution) | (meta["mask"] >= 0.5)
 
 
+# one nuisance at a time: which samples carry it (for "which factor hurts" breakdowns)
+HARD_FACTORS = {
+    "yaw >= 45": lambda m: m["yaw"].abs() >= 45,
+    "pitch >= 25": lambda m: m["pitch"].abs() >= 25,
+    "resolution >= 3": lambda m: m["resolution"] >= 3,
+    "blur >= 1": lambda m: m["blur"] >= 1,
+    "noise >= 0.06": lambda m: m["noise"] >= 0.06,
+    "mask": lambda m: m["mask"] >= 0.5,
+    "glasses": lambda m: m["glasses"] >= 0.5,
+}
+
+
+def factor_subsets(pairs: Pairs, meta: dict, factors: dict | None = None) -> dict[str, torch.Tensor]:
+    """Masks over pairs: "easy" (both samples easy) and, per factor, pairs in which at least one
+    sample carries that factor."""
+    out = {"easy": is_easy(meta)[pairs.i] & is_easy(meta)[pairs.j]}
+    for name, rule in (factors or HARD_FACTORS).items():
+        has = rule(meta)
+        out[name] = has[pairs.i] | has[pairs.j]
+    return out
+
+
 def pair_subsets(pairs: Pairs, easy: torch.Tensor, hard: torch.Tensor, groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Masks over pairs: all; easy (both samples easy); hard (at least one sample hard); and, with
     per-sample groups, group_<g> for pairs whose two samples are both in group g."""

@@ -229,11 +229,22 @@ class Trainer:
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
 
 
+def _source_digest() -> str:
+    """A digest of frlab's own code: cached models are retrained when the code that made them changes."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(name: str, model: nn.Module, head: nn.Module, data, cfg: TrainConfig, extra: Mapping | None = None) -> str:
-    """A digest of everything that determines the trained weights (not device or progress bars)."""
+    """A digest of everything that determines the trained weights (not device or progress bars),
+    frlab's source code included."""
     c = {k: v for k, v in asdict(cfg).items() if k not in ("device", "progress", "checkpoint")}
     text = json.dumps(
-        [name, repr(model), repr(head), getattr(data, "fingerprint", repr(data)), c, sorted((extra or {}).items(), key=str)],
+        [name, _source_digest(), repr(model), repr(head), getattr(data, "fingerprint", repr(data)), c,
+         sorted((extra or {}).items(), key=str)],
         default=repr,
     )
     return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"

@@ -82,3 +82,60 @@ def training_curves(history: list[dict[str, float]], keys: tuple[str, ...] = ("l
         ax.set(xlabel="step", title=key)
     fig.suptitle(title)
     return fig
+
+
+def factor_grid(faces, label: int = 0, factors: tuple[str, ...] | None = None, scale: float = 1.1):
+    """One row per nuisance factor: identity `label` swept over that factor's range, others frontal."""
+    from .data.synth import SWEEPS
+
+    factors = factors or tuple(SWEEPS)
+    rows = [(f, SWEEPS[f][2]) for f in factors]
+    ncol = max(len(v) for _, v in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(scale * ncol + 1.2, scale * len(rows)), squeeze=False)
+    for r, (factor, values) in enumerate(rows):
+        images = faces.sweep(label, factor, values)
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(values):
+                ax.imshow(images[c].permute(1, 2, 0).numpy())
+                ax.set_title(f"{values[c]:g}", fontsize=7, fontweight="normal", pad=2)
+        axes[r][0].set_ylabel(factor, fontsize=8, rotation=0, ha="right", va="center")
+    fig.subplots_adjust(wspace=0.04, hspace=0.3)
+    return fig
+
+
+def face_explorer(faces, label: int = 0, zoom: int = 4):
+    """ipywidgets sliders that re-render one face live as yaw, resolution, occlusion... move.
+
+    Returns the widget (display it in a notebook cell). Each change renders one image with
+    `faces.render`, a few milliseconds, and swaps the PNG bytes of an Image widget.
+    """
+    import io
+
+    import ipywidgets as w
+
+    from .data.synth import SWEEPS
+
+    sliders = {"label": w.IntSlider(value=label, min=0, max=faces.num_classes - 1, description="identity")}
+    for name in ("yaw", "pitch", "roll", "light_azimuth", "expression", "resolution", "blur", "noise", "exposure"):
+        lo, hi, _ = SWEEPS[name]
+        start = {"resolution": 1.0, "exposure": 1.0}.get(name, 0.0)
+        sliders[name] = w.FloatSlider(value=start, min=lo, max=hi, step=(hi - lo) / 100, description=name, continuous_update=True)
+    for name in ("glasses", "mask"):
+        sliders[name] = w.Checkbox(value=False, description=name)
+    image = w.Image(format="png", width=faces.size * zoom, height=faces.size * zoom)
+
+    def update(_=None):
+        values = {k: float(s.value) for k, s in sliders.items() if k != "label"}
+        img = faces.render(int(sliders["label"].value), **values).permute(1, 2, 0).clamp(0, 1).numpy()
+        buf = io.BytesIO()
+        plt.imsave(buf, np.kron(img, np.ones((zoom, zoom, 1))), format="png")
+        image.value = buf.getvalue()
+
+    for s in sliders.values():
+        s.observe(update, names="value")
+    update()
+    return w.HBox([w.VBox(list(sliders.values())), image])

@@ -236,3 +236,7 @@ def test_bad_hyper_parameters():
         heads.ArcFace(8, 4, s=0)
     with pytest.raises(ValueError, match="unknown head"):
         heads.make_head("arcfce", 8, 4)
+    with pytest.raises(ValueError, match=r"Softmax has no hyper-parameter \['s'\]"):
+        heads.make_head("softmax", 8, 4, s=3.0)
+    assert isinstance(heads.make_head("softmax", 8, 4, ignore_unknown=True, s=3.0), heads.Softmax)
+    assert heads.make_head("CosFace", 8, 4, ignore_unknown=True, s=3.0, k=2).s == 3.0

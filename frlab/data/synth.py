@@ -106,6 +106,8 @@ class Nuisance:
     glasses: Bernoulli | Const = Bernoulli(0.15)
     mask: Bernoulli | Const = Bernoulli(0.05)
     background: Normal | Uniform | Const = Uniform(0.0, 1.0)
+    exposure: Normal | Uniform | Const = Normal(1.0, 0.2, 0.5, 1.6)  # a gain on the whole image
+    white_balance: Normal | Uniform | Const = Normal(0.0, 0.08, -0.25, 0.25)  # > 0 warmer, < 0 colder
 
     @staticmethod
     def frontal() -> "Nuisance":
@@ -113,11 +115,29 @@ class Nuisance:
         return Nuisance(
             yaw=Const(0), pitch=Const(0), roll=Const(0), light_azimuth=Const(0), light_strength=Const(0.5),
             expression=Const(0), resolution=Const(1), blur=Const(0), noise=Const(0), glasses=Const(0),
-            mask=Const(0),
+            mask=Const(0), exposure=Const(1), white_balance=Const(0),
         )
 
 
 NUISANCES = tuple(f.name for f in fields(Nuisance))
+
+# values that show each nuisance's range, for grids and sliders: (min, max, a few values)
+SWEEPS = {
+    "yaw": (-90, 90, [-80, -50, -25, 0, 25, 50, 80]),
+    "pitch": (-40, 40, [-35, -20, -10, 0, 10, 20, 35]),
+    "roll": (-30, 30, [-30, -15, -5, 0, 5, 15, 30]),
+    "light_azimuth": (-70, 70, [-70, -45, -20, 0, 20, 45, 70]),
+    "light_strength": (0, 1, [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]),
+    "expression": (-1, 1, [-1.0, -0.6, -0.3, 0.0, 0.3, 0.6, 1.0]),
+    "resolution": (1, 8, [1, 1.5, 2, 3, 4, 6, 8]),
+    "blur": (0, 2, [0.0, 0.3, 0.6, 0.9, 1.2, 1.6, 2.0]),
+    "noise": (0, 0.15, [0.0, 0.02, 0.04, 0.06, 0.08, 0.11, 0.15]),
+    "glasses": (0, 1, [0, 1]),
+    "mask": (0, 1, [0, 1]),
+    "background": (0, 1, [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]),
+    "exposure": (0.5, 1.6, [0.5, 0.7, 0.85, 1.0, 1.15, 1.3, 1.6]),
+    "white_balance": (-0.25, 0.25, [-0.25, -0.15, -0.05, 0.0, 0.05, 0.15, 0.25]),
+}
 
 
 # ---------------------------------------------------------------- identity factors and groups
@@ -129,6 +149,7 @@ SHAPE = (
     ("nose_y", -0.20, -0.04), ("nose_len", 0.05, 0.25), ("nose_w", 0.05, 0.12),
     ("mouth_y", -0.50, -0.30), ("mouth_w", 0.12, 0.30), ("lip", 0.02, 0.06),
     ("hairline", 0.35, 0.80), ("hair_volume", 0.0, 0.18), ("iris", 0.45, 0.85),
+    ("head_depth", 1.0, 1.35), ("ear", 0.08, 0.14),
 )
 COLOUR = (("skin", 3), ("hair", 3), ("eye", 3), ("lips", 3))
 SHAPE_NAMES = tuple(n for n, _, _ in SHAPE)
@@ -147,7 +168,7 @@ class Group:
     spread: float = 1.0
     skin: tuple[float, float, float] = (0.80, 0.62, 0.50)
     hair: tuple[float, float, float] = (0.25, 0.18, 0.12)
-    colour_spread: float = 0.12
+    colour_spread: float = 0.06
     shape_offset: float = 0.0  # shifts every shape factor's mean (in logit units)
 
 
@@ -226,16 +247,17 @@ def render(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], siz
 
     yaw, pitch = torch.deg2rad(n["yaw"]), torch.deg2rad(n["pitch"])
     a, b = f["face_w"], f["face_h"]
-    c = 0.75 * a  # head depth
+    c = a * f["head_depth"]  # the head is deeper than wide: a profile has another silhouette
+    aw = torch.sqrt((a * torch.cos(yaw)) ** 2 + (c * torch.sin(yaw)) ** 2)  # silhouette half-width
     # head outline: an ellipse whose lower half narrows towards the jaw
     jaw = 1 - f["jaw"] * (-y / b).clamp(min=0) ** 2
-    head = _ellipse(x, y, 0, 0, a * jaw, b, sharp)
-    hair_back = _ellipse(x, y - 0.1, 0, 0.05, a + f["hair_volume"], b + f["hair_volume"], sharp) * (y > -0.1 * b)
+    head = _ellipse(x, y, 0, 0, aw * jaw, b, sharp)
+    hair_back = _ellipse(x, y - 0.1, 0, 0.05, aw + f["hair_volume"], b + f["hair_volume"], sharp) * (y > -0.1 * b)
 
     # Lambertian shading on the head ellipsoid (camera-aligned), light from the side
-    u = (1 - (x / (a * jaw)) ** 2 - (y / b) ** 2).clamp(min=0)
+    u = (1 - (x / (aw * jaw)) ** 2 - (y / b) ** 2).clamp(min=0)
     nz = torch.sqrt(u) / c
-    nx, ny = x / (a * jaw) ** 2, y / b**2
+    nx, ny = x / (aw * jaw) ** 2, y / b**2
     norm = torch.sqrt(nx**2 + ny**2 + nz**2 + 1e-9)
     az = torch.deg2rad(n["light_azimuth"])
     lx, lz = torch.sin(az), torch.cos(az)
@@ -265,6 +287,14 @@ def render(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], siz
     hx, hy, _, _, hvis = place(torch.zeros_like(a), f["hairline"] * b)
     hairline = hy - 0.15 * ((x - hx) / a) ** 2
     face = _over(face, hair, torch.sigmoid((y - hairline) * sharp * 0.5))
+    # turned away, the back of the head shows: hair behind a line that moves forward with |yaw|
+    back = -torch.sign(yaw) * x - aw * (1 - 1.1 * torch.sin(yaw).abs())
+    face = _over(face, hair, torch.sigmoid(back * sharp * 0.5) * torch.sigmoid((y + 0.25 * b) * sharp * 0.3))
+    # ears: edge-on from the front, full in profile, hidden on the far side
+    for side in (-1.0, 1.0):
+        ex_, ey_, _, _, evis = place(side * 0.97 * a, f["eye_y"] - 0.1)
+        ear = _ellipse(x, y, ex_, ey_, 0.5 * f["ear"] * (0.35 + 0.65 * torch.sin(yaw).abs()), f["ear"], sharp)
+        face = _over(face, 0.85 * f["skin"].view(B, 3, 1, 1), evis * ear)
 
     expr = n["expression"]
     for side in (-1.0, 1.0):
@@ -303,15 +333,17 @@ def render(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], siz
     g = n["glasses"]
     for side in (-1.0, 1.0):
         px, py, sx, sy, vis = place(side * f["eye_x"], f["eye_y"])
-        outer = _ellipse(x, y, px, py, 1.5 * f["eye_w"] * sx, 2.4 * f["eye_h"] + 0.02, sharp)
-        inner = _ellipse(x, y, px, py, 1.5 * f["eye_w"] * sx - 0.03, 2.4 * f["eye_h"] - 0.01, sharp)
+        outer = _ellipse(x, y, px, py, 1.5 * f["eye_w"] * sx + 0.03, 2.4 * f["eye_h"] + 0.05, sharp)
+        inner = _ellipse(x, y, px, py, 1.5 * f["eye_w"] * sx - 0.02, 2.4 * f["eye_h"], sharp)
         face = _over(face, torch.full((1, 3, 1, 1), 0.08, device=dev), g * vis * (outer - inner).clamp(0, 1))
-        face = _over(face, torch.full((1, 3, 1, 1), 0.25, device=dev), 0.25 * g * vis * inner)
+        face = _over(face, torch.full((1, 3, 1, 1), 0.25, device=dev), 0.45 * g * vis * inner)
     mask_top = place(torch.zeros_like(a), f["nose_y"] - 0.02)[1]
     mask = torch.sigmoid((mask_top - y) * sharp * 0.5) * (y > -b)
     face = _over(face, torch.tensor([0.72, 0.82, 0.92], device=dev).view(1, 3, 1, 1), n["mask"] * mask)
 
     img = _over(img, face * shade.unsqueeze(1), head).clamp(0, 1)
+    wb = n["white_balance"].unsqueeze(1) * torch.tensor([1.0, 0.0, -1.0], device=dev).view(1, 3, 1, 1)
+    img = (img * n["exposure"].unsqueeze(1) * (1 + wb)).clamp(0, 1)
     img = _degrade(img, nuis)
     return img.clamp(0, 1)
 
@@ -421,11 +453,17 @@ class SynthFaces:
         if unknown:
             raise ValueError(f"unknown nuisance {sorted(unknown)}; choose from {', '.join(NUISANCES)}")
         values = {k: c.value for k, c in vars(Nuisance.frontal()).items() if isinstance(c, Const)}
-        values.update(background=0.5, **nuisance)
+        values.update({"background": 0.5, **nuisance})
         nuis = {k: torch.tensor([float(values[k])], device=device) for k in NUISANCES}
         ident = {k: v.to(device) for k, v in self.identity_factors(torch.tensor([label])).items()}
         img = render(ident, nuis, self.size)
         return _add_noise(img, self.seed, self.ids[[label]].to(device), torch.tensor([-1], device=device), nuis["noise"])[0]
+
+    def sweep(self, label: int, factor: str, values=None, device: torch.device | str = "cpu", **fixed: float) -> torch.Tensor:
+        """Identity `label` with one nuisance swept over `values` (default: `SWEEPS`), the others
+        frontal (or as given in `fixed`): (len(values), 3, H, W)."""
+        values = SWEEPS[factor][2] if values is None else values
+        return torch.stack([self.render(label, device, **{**fixed, factor: v}) for v in values])
 
     def __getitem__(self, i: int):
         images, labels, _ = self.batch([i])
