@@ -64,6 +64,10 @@ class Head(nn.Module):
         x = self._input(x)
         return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
 
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The class each embedding is assigned to at inference: the nearest proxy."""
+        return self.logits(x).argmax(1)
+
     def target_cosine(self, xn: torch.Tensor, wn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """cos(theta_y) in float32, from the B target proxies only."""
         return (xn.float() * wn[labels].float()).sum(1).clamp(-1.0, 1.0)
@@ -85,7 +89,22 @@ class _MarginSoftmax(Head):
         self.s, self.m = float(s), float(m)
 
     def target(self, cos_y: torch.Tensor) -> torch.Tensor:
+        """The target logit in cosine units, from cos(theta_y)."""
         return cos_y
+
+    def negatives(self, cos: torch.Tensor, cos_y: torch.Tensor) -> torch.Tensor:
+        """The non-target logits in cosine units (CurricularFace re-weights the hard ones)."""
+        return cos
+
+    def update(self, cos_y: torch.Tensor) -> None:
+        """Per-step state (CurricularFace's t), updated in training mode before the logits."""
+
+    def margin_logits(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """What training compares, in cosine units (before the scale s), for given cosines (B, C):
+        a sample is classified *with margin* where its target entry is the largest. Pure: no state
+        changes. Used for geometry figures; `forward` computes the same thing faster."""
+        cos_y = cos.gather(1, labels[:, None]).squeeze(1)
+        return self.negatives(cos, cos_y).scatter(1, labels[:, None], self.target(cos_y)[:, None])
 
     def scaled_logits(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """s * cos with the margin applied to the target column: the input of cross-entropy."""
@@ -93,11 +112,11 @@ class _MarginSoftmax(Head):
         xn, wn = F.normalize(x, dim=1), F.normalize(self.weight, dim=1)
         logits = F.linear(xn * self.s, wn).float()  # s folded into the B x D side: no B x C multiply
         cos_y = self.target_cosine(xn, wn, labels)
-        logits = self.adjust_negatives(logits, cos_y, labels)
+        if self.training:
+            self.update(cos_y)
+        if type(self).negatives is not _MarginSoftmax.negatives:
+            logits = self.s * self.negatives(logits / self.s, cos_y)
         return logits.scatter_(1, labels[:, None], (self.s * self.target(cos_y))[:, None])
-
-    def adjust_negatives(self, logits: torch.Tensor, cos_y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return logits
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = _check(x, labels, self.weight)
@@ -109,6 +128,13 @@ class Softmax(Head):
 
     `logits` still returns cosines, so every head can be inspected the same way.
     """
+
+    def margin_logits(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cos
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The largest raw logit (proxy norms matter here, unlike for the normalized heads)."""
+        return F.linear(self._input(x), self.weight).argmax(1)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = _check(x, labels, self.weight)
@@ -175,16 +201,15 @@ class CurricularFace(_MarginSoftmax):
     def target(self, cos_y: torch.Tensor) -> torch.Tensor:
         return arc_target(cos_y, self.m)
 
-    def adjust_negatives(self, logits: torch.Tensor, cos_y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                self.t.mul_(1 - self.t_momentum).add_(self.t_momentum * cos_y.mean())
+    def update(self, cos_y: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.t.mul_(1 - self.t_momentum).add_(self.t_momentum * cos_y.mean())
+
+    def negatives(self, cos: torch.Tensor, cos_y: torch.Tensor) -> torch.Tensor:
         sin_y = torch.sqrt((1.0 - cos_y * cos_y).clamp(min=1e-12))
-        cos_ym = cos_y * math.cos(self.m) - sin_y * math.sin(self.m)  # before the fallback
-        threshold = (self.s * cos_ym)[:, None]
-        cos = logits / self.s
-        t = self.t.to(logits.dtype)
-        return torch.where(logits > threshold, self.s * cos * (t + cos), logits)
+        cos_ym = (cos_y * math.cos(self.m) - sin_y * math.sin(self.m))[:, None]  # before the fallback
+        t = self.t.to(cos.dtype)
+        return torch.where(cos > cos_ym, cos * (t + cos), cos)
 
 
 class NPT(Head):
@@ -205,6 +230,11 @@ class NPT(Head):
             raise ValueError(f"radius r must be positive, got {r}")
         self.k, self.r = int(k), float(r)
         self.delta = float(r * r if delta is None else delta)
+
+    def margin_logits(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """cos with the target lowered by delta / (2 r^2): the hinge is zero where it stays largest."""
+        cos_y = cos.gather(1, labels[:, None])
+        return cos.scatter(1, labels[:, None], cos_y - self.delta / (2 * self.r**2))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = _check(x, labels, self.weight)

@@ -139,3 +139,118 @@ def face_explorer(faces, label: int = 0, zoom: int = 4):
         s.observe(update, names="value")
     update()
     return w.HBox([w.VBox(list(sliders.values())), image])
+
+
+def _class_colors(n: int):
+    return sns.color_palette("husl", n)
+
+
+def _ring(ax, phi: np.ndarray, cls: np.ndarray, radii: tuple[float, float], colors) -> None:
+    """Fill an annulus in runs of equal class (class -1 is left white)."""
+    cuts = np.flatnonzero(np.diff(cls)) + 1
+    for run in np.split(np.arange(len(phi)), cuts):
+        c = int(cls[run[0]])
+        if c < 0:
+            continue
+        t = phi[run[0]:min(run[-1] + 2, len(phi))]
+        xs = np.concatenate([radii[0] * np.cos(t), radii[1] * np.cos(t[::-1])])
+        ys = np.concatenate([radii[0] * np.sin(t), radii[1] * np.sin(t[::-1])])
+        ax.fill(xs, ys, color=colors[c], alpha=0.45, lw=0)
+
+
+@torch.no_grad()
+def circle_regions(head, n: int = 1441):
+    """For angles phi around the circle (2-D heads): the nearest proxy, and the class whose margin
+    a sample at that angle satisfies (-1 where none does: the margin gap)."""
+    w = torch.nn.functional.normalize(head.weight.detach().float().cpu(), dim=1)
+    phi = torch.linspace(-np.pi, np.pi, n)
+    cos = torch.stack([torch.cos(phi), torch.sin(phi)], 1) @ w.T
+    C = w.shape[0]
+    ok = torch.stack([head.margin_logits(cos, torch.full((n,), c)).argmax(1) == c for c in range(C)], 1)
+    owner = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    return phi, cos.argmax(1), owner
+
+
+def embedding_circle(embeddings: torch.Tensor, labels: torch.Tensor, head, title: str = "", ax=None, jitter: float = 0.04):
+    """2-D embeddings on the unit circle with the class proxies (arrows) and two rings:
+    inner, the inference regions (nearest proxy); outer, where a sample of each class is
+    classified *with the head's margin* (white = no class has its margin: the margin gap)."""
+    emb = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=1)
+    w = torch.nn.functional.normalize(head.weight.detach().float().cpu(), dim=1)
+    if emb.shape[1] != 2:
+        raise ValueError(f"embedding_circle needs 2-D embeddings, got {emb.shape[1]}-D")
+    C = w.shape[0]
+    colors = np.array(_class_colors(C))
+    fig = ax.figure if ax is not None else plt.figure(figsize=(4.2, 4.2))
+    ax = ax if ax is not None else fig.add_subplot()
+    phi, nearest, owner = circle_regions(head)
+    for radii, cls in (((0.80, 0.92), nearest), ((1.10, 1.22), owner)):
+        _ring(ax, phi.numpy(), cls.numpy(), radii, colors)
+    r = 1 + jitter * torch.randn(len(emb), generator=torch.Generator().manual_seed(0))
+    ax.scatter(r * emb[:, 0], r * emb[:, 1], s=6, c=colors[labels.cpu().numpy()], alpha=0.8, lw=0)
+    for c in range(C):
+        ax.annotate("", xy=1.35 * w[c].numpy(), xytext=(0, 0), arrowprops=dict(arrowstyle="->", color=colors[c], lw=1.5))
+    gap = float((owner < 0).float().mean())  # share of angles that satisfy no class's margin
+    ax.set(aspect="equal", xlim=(-1.45, 1.45), ylim=(-1.45, 1.45), xticks=[], yticks=[])
+    ax.set_title(title or type(head).__name__, fontsize=10)
+    ax.text(0, -1.42, f"margin gap {gap:.0%} of the circle", ha="center", fontsize=8)
+    return fig
+
+
+def embedding_sphere(embeddings: torch.Tensor, labels: torch.Tensor, head, title: str = "", ax=None):
+    """3-D embeddings on the unit sphere, with the class proxies as large markers."""
+    emb = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=1).numpy()
+    w = torch.nn.functional.normalize(head.weight.detach().float().cpu(), dim=1).numpy()
+    colors = np.array(_class_colors(w.shape[0]))
+    if ax is None:
+        fig = plt.figure(figsize=(4.2, 4.2))
+        ax = fig.add_subplot(projection="3d")
+    u, v = np.mgrid[0:2 * np.pi:24j, 0:np.pi:12j]
+    ax.plot_wireframe(np.cos(u) * np.sin(v), np.sin(u) * np.sin(v), np.cos(v), color="0.85", lw=0.4)
+    ax.scatter(*emb.T, s=5, c=colors[labels.cpu().numpy()], alpha=0.8, depthshade=False)
+    ax.scatter(*(1.12 * w).T, s=90, c=colors, marker="*", edgecolors="k", linewidths=0.5, depthshade=False)
+    ax.set(xticks=[], yticks=[], zticks=[], box_aspect=(1, 1, 1))
+    ax.set_title(title or type(head).__name__, fontsize=10)
+    return ax.figure
+
+
+def target_logit_curves(s: float = 64.0, m_cos: float = 0.35, m_arc: float = 0.5, ax=None):
+    """Target logit against the angle to the target proxy, for NormFace, CosFace and ArcFace
+    (with its fallback beyond theta + m > pi): the margin is how far each curve sits below NormFace."""
+    from .heads import arc_target
+
+    theta = torch.linspace(0, np.pi, 361, dtype=torch.float64)
+    c = torch.cos(theta)
+    curves = {"NormFace": c, f"CosFace (m={m_cos:g})": c - m_cos, f"ArcFace (m={m_arc:g})": arc_target(c, m_arc)}
+    fig = ax.figure if ax is not None else plt.figure(figsize=(5, 3.4))
+    ax = ax if ax is not None else fig.add_subplot()
+    for name, y in curves.items():
+        ax.plot(np.degrees(theta.numpy()), s * y.numpy(), label=name)
+    ax.axvline(np.degrees(np.pi - m_arc), color="0.6", ls=":", lw=1)
+    ax.text(np.degrees(np.pi - m_arc), s * 0.9, " ArcFace fallback", fontsize=7, color="0.4")
+    ax.set(xlabel="angle to the target proxy (degrees)", ylabel="target logit", title=f"target logits at s = {s:g}")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def margin_explorer(s: float = 64.0, m_cos: float = 0.35, m_arc: float = 0.5):
+    """ipywidgets sliders for s and the margins that redraw the target-logit curves live."""
+    import ipywidgets as w
+
+    out = w.Output()
+    sliders = {
+        "s": w.FloatSlider(value=s, min=1, max=128, step=1, description="s"),
+        "m_cos": w.FloatSlider(value=m_cos, min=0, max=1, step=0.01, description="CosFace m"),
+        "m_arc": w.FloatSlider(value=m_arc, min=0, max=1.2, step=0.01, description="ArcFace m"),
+    }
+
+    def redraw(_=None):
+        with out:
+            out.clear_output(wait=True)
+            fig = target_logit_curves(**{k: v.value for k, v in sliders.items()})
+            plt.show(fig)
+
+    for sl in sliders.values():
+        sl.observe(redraw, names="value")
+    redraw()
+    return w.VBox([w.HBox(list(sliders.values())), out])

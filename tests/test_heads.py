@@ -240,3 +240,22 @@ def test_bad_hyper_parameters():
         heads.make_head("softmax", 8, 4, s=3.0)
     assert isinstance(heads.make_head("softmax", 8, 4, ignore_unknown=True, s=3.0), heads.Softmax)
     assert heads.make_head("CosFace", 8, 4, ignore_unknown=True, s=3.0, k=2).s == 3.0
+
+
+@pytest.mark.parametrize("name", ["normface", "cosface", "arcface", "curricular"])
+def test_margin_logits_are_what_training_compares(name):
+    head, x, y = make(name)
+    head.eval()
+    with torch.no_grad():
+        head.t.fill_(0.3) if hasattr(head, "t") else None
+        expected = head.scaled_logits(x, y) / head.s
+        got = head.margin_logits(head.logits(x), y)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_npt_margin_logits_mark_where_the_hinge_vanishes():
+    head, x, y = make("npt", B=40)
+    cos = head.logits(x)
+    satisfied = head.margin_logits(cos, y).argmax(1) == y
+    per_sample = torch.stack([head(x[i:i + 1], y[i:i + 1]) for i in range(40)])
+    assert torch.equal(satisfied, per_sample == 0)
