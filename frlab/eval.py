@@ -42,26 +42,33 @@ def all_pairs(labels: torch.Tensor):
 
 
 def roc(scores: torch.Tensor, same: torch.Tensor):
-    """ROC at every distinct threshold: (fpr, tpr, thresholds), fpr ascending, starting at (0, 0)."""
-    scores, same = scores.reshape(-1).double(), same.reshape(-1).bool()
-    n_pos, n_neg = int(same.sum()), int((~same).sum())
+    """ROC at every distinct threshold: (fpr, tpr, thresholds), fpr ascending, starting at (0, 0).
+
+    One sort of the scores (in their own dtype) and a few linear passes; fpr and tpr are float64.
+    """
+    scores, same = scores.reshape(-1), same.reshape(-1).bool()
+    n_pos = int(same.sum())
+    n_neg = len(same) - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"verification needs genuine and impostor pairs, got {n_pos} and {n_neg}")
-    order = torch.argsort(scores, descending=True)
-    s, y = scores[order], same[order]
-    tps, fps = torch.cumsum(y, 0), torch.cumsum(~y, 0)
+    s, order = torch.sort(scores, descending=True)
+    tps = torch.cumsum(same[order], 0)
     last = torch.ones_like(s, dtype=torch.bool)  # last position of each distinct score
     last[:-1] = s[1:] != s[:-1]
-    zero = torch.zeros(1, dtype=torch.float64)
-    fpr = torch.cat([zero, fps[last].double() / n_neg])
-    tpr = torch.cat([zero, tps[last].double() / n_pos])
-    thr = torch.cat([torch.tensor([math.inf], dtype=torch.float64), s[last]])
+    idx = last.nonzero().squeeze(1)
+    fpr, tpr, thr = (torch.empty(len(idx) + 1, dtype=torch.float64, device=s.device) for _ in range(3))
+    fpr[0], tpr[0], thr[0] = 0.0, 0.0, math.inf
+    tpr[1:] = tps[idx]
+    torch.sub(idx + 1, tpr[1:], out=fpr[1:])  # false positives = position - true positives
+    fpr[1:] /= n_neg
+    tpr[1:] /= n_pos
+    thr[1:] = s[idx]
     return fpr, tpr, thr
 
 
 def tpr_at_fpr(fpr: torch.Tensor, tpr: torch.Tensor, level: float) -> float:
     """The highest TPR among thresholds whose FPR does not exceed `level`."""
-    idx = int(torch.searchsorted(fpr, torch.tensor([level], dtype=fpr.dtype), right=True)) - 1
+    idx = int(torch.searchsorted(fpr, torch.tensor([level], dtype=fpr.dtype, device=fpr.device), right=True)) - 1
     return float(tpr[idx])
 
 
@@ -84,16 +91,28 @@ def verification(scores: torch.Tensor, same: torch.Tensor, levels=FPR_LEVELS) ->
 
 
 def identification(gallery: torch.Tensor, gallery_labels: torch.Tensor, probe: torch.Tensor, probe_labels: torch.Tensor,
-                   max_rank: int = 10, chunk: int = 4096) -> dict[str, float]:
-    """Rank-k accuracy (CMC) of probes against a gallery of normalized embeddings, in chunks of
-    probes so that memory stays at chunk x len(gallery) scores."""
+                   max_rank: int = 10, chunk: int = 1024, gallery_chunk: int = 65536) -> dict[str, float]:
+    """Rank-k accuracy (CMC) of probes against a gallery of normalized embeddings.
+
+    Memory stays at chunk x gallery_chunk scores whatever the gallery size: each block of probes
+    keeps a running top-k over blocks of the gallery. A probe's rank is the position of the first
+    gallery entry of its identity among its top max_rank matches.
+    """
+    k = min(max_rank, gallery.shape[0])
     hits = torch.zeros(max_rank, dtype=torch.float64)
     for start in range(0, len(probe), chunk):
         p, pl = probe[start:start + chunk], probe_labels[start:start + chunk]
-        scores = p @ gallery.T
-        top = scores.topk(min(max_rank, gallery.shape[0]), dim=1).indices
-        correct = gallery_labels[top] == pl[:, None]
+        best = torch.full((len(p), k), -math.inf, dtype=p.dtype, device=p.device)
+        best_labels = torch.full((len(p), k), -1, dtype=gallery_labels.dtype, device=p.device)
+        for g0 in range(0, gallery.shape[0], gallery_chunk):
+            scores = p @ gallery[g0:g0 + gallery_chunk].T
+            top = scores.topk(min(k, scores.shape[1]), dim=1)
+            merged = torch.cat([best, top.values], 1)
+            merged_labels = torch.cat([best_labels, gallery_labels[g0:g0 + gallery_chunk][top.indices]], 1)
+            keep = merged.topk(k, dim=1).indices
+            best, best_labels = merged.gather(1, keep), merged_labels.gather(1, keep)
+        correct = best_labels == pl[:, None]
         first = torch.where(correct.any(1), correct.float().argmax(1), torch.full_like(pl, max_rank))
-        hits += torch.bincount(first[first < max_rank], minlength=max_rank).double()
+        hits += torch.bincount(first[first < max_rank].cpu(), minlength=max_rank).double()
     cmc = torch.cumsum(hits, 0) / len(probe)
     return {"rank1": float(cmc[0]), "cmc": cmc.tolist()}

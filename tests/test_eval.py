@@ -60,3 +60,19 @@ def test_all_pairs():
     i, j, same = ev.all_pairs(torch.tensor([0, 0, 1]))
     assert list(zip(i.tolist(), j.tolist())) == [(0, 1), (0, 2), (1, 2)]
     assert same.tolist() == [True, False, False]
+
+
+def test_identification_chunked_matches_a_naive_ranking():
+    g = torch.Generator().manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    gl = torch.randint(0, 50, (300,), generator=g)
+    probe = torch.nn.functional.normalize(torch.randn(70, 16, generator=g), dim=1)
+    pl = torch.randint(0, 50, (70,), generator=g)
+    got = ev.identification(gallery, gl, probe, pl, max_rank=5, chunk=16, gallery_chunk=37)
+    ranks = []
+    for p, y in zip(probe, pl):
+        order = torch.argsort(gallery @ p, descending=True)
+        hit = (gl[order] == y).nonzero()
+        ranks.append(int(hit[0]) if len(hit) else 10**9)
+    expected = [sum(r <= k for r in ranks) / 70 for k in range(5)]
+    assert got["cmc"] == pytest.approx(expected)

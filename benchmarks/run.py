@@ -1,0 +1,318 @@
+"""frlab's benchmark suite: one command, one table, the same figures as JSON.
+
+    .venv/bin/python benchmarks/run.py            # everything (about 10 minutes on 2 CPU cores)
+    .venv/bin/python benchmarks/run.py --quick    # smaller sizes, for a quick look
+    .venv/bin/python benchmarks/run.py --only heads,render
+
+Every row is a time next to the baseline it should be compared with, measured in the same run:
+margin heads against the bare classifier (linear + cross-entropy on the same shapes), ROC metrics
+against one sort of the scores, rank-1 identification against the bare matrix product, the
+trainer against a hand-written loop. Peak memory is the growth of the resident set while one
+forward + backward runs in a fresh process (Linux; large tensors are mmap'd, so RSS tracks them).
+Results go to runs/bench/<time>.json and runs/bench/latest.{json,md}. Benchmarks are not tests:
+nothing here asserts a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from frlab import eval as ev  # noqa: E402
+from frlab import heads, models, train  # noqa: E402
+from frlab.data import SynthFaces, materialize  # noqa: E402
+
+HEADS = ("normface", "cosface", "arcface", "curricularface", "npt")
+
+
+# ---------------------------------------------------------------- measuring
+def timeit(fn, reps: int = 3, warmup: int = 1) -> float:
+    """Median wall time of fn() over reps runs, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def peak_memory_mib(kind: str, C: int, B: int, D: int) -> float | None:
+    """Peak RSS growth (MiB) of one forward + backward of `kind` in a fresh process."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    out = subprocess.run([sys.executable, __file__, "--_memory", kind, str(C), str(B), str(D)],
+                         capture_output=True, text=True, timeout=600)
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def _memory_child(kind: str, C: int, B: int, D: int) -> None:
+    fn = make_step(kind, C, B, D)
+    before = rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    fn()
+    print((rss_kib("VmHWM") - before) / 1024)
+
+
+# ---------------------------------------------------------------- margin heads
+def naive_arcface(x, w, labels, s=64.0, m=0.5):
+    """The straightforward implementation: acos, add m, cos, one-hot mix over the whole B x C."""
+    cos = F.linear(F.normalize(x), F.normalize(w)).clamp(-1 + 1e-7, 1 - 1e-7)
+    theta = torch.acos(cos)
+    target = torch.cos(theta + m)
+    onehot = F.one_hot(labels, w.shape[0]).to(cos.dtype)
+    return F.cross_entropy(s * (onehot * target + (1 - onehot) * cos), labels)
+
+
+def make_step(kind: str, C: int, B: int, D: int):
+    """A closure running one forward + backward of `kind` on fixed random inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, generator=g, requires_grad=True)
+    labels = torch.randint(0, C, (B,), generator=g)
+    if kind == "floor":
+        w = (torch.randn(C, D, generator=g) * D**-0.5).requires_grad_(True)
+        loss_fn = lambda: F.cross_entropy(F.linear(x, w), labels)  # noqa: E731
+    elif kind == "naive_arcface":
+        w = (torch.randn(C, D, generator=g) * D**-0.5).requires_grad_(True)
+        loss_fn = lambda: naive_arcface(x, w, labels)  # noqa: E731
+    elif kind == "pml_arcface":
+        from pytorch_metric_learning.losses import ArcFaceLoss
+
+        pml = ArcFaceLoss(num_classes=C, embedding_size=D)
+        loss_fn = lambda: pml(x, labels)  # noqa: E731
+    else:
+        head = heads.make_head(kind, D, C)
+        loss_fn = lambda: head(x, labels)  # noqa: E731
+
+    def step():
+        loss_fn().backward()
+        x.grad = None
+
+    return step
+
+
+def bench_heads(sizes, B=512, D=512):
+    rows = []
+    kinds = ["floor", *HEADS, "naive_arcface"]
+    try:
+        import pytorch_metric_learning  # noqa: F401
+
+        kinds.append("pml_arcface")
+    except ImportError:
+        rows.append({"what": "pytorch-metric-learning ArcFaceLoss", "note": "skipped: not installed"})
+    for C in sizes:
+        reps = 5 if C <= 10_000 else 3
+        t = {k: timeit(make_step(k, C, B, D), reps=reps) for k in kinds}
+        mem = {k: peak_memory_mib(k, C, B, D) for k in kinds}
+        for k in kinds:
+            rows.append({
+                "what": f"head {k}" if k != "floor" else "floor: linear + cross_entropy",
+                "size": f"B={B} D={D} C={C:,}", "seconds": t[k], "baseline": "floor",
+                "ratio": t[k] / t["floor"], "peak_mib": mem[k],
+                "mem_ratio": (mem[k] / mem["floor"]) if mem[k] and mem["floor"] else None,
+            })
+    return rows
+
+
+# ---------------------------------------------------------------- evaluation
+def bench_verification(n: int):
+    g = torch.Generator().manual_seed(0)
+    same = torch.rand(n, generator=g) < 0.01
+    scores = torch.randn(n, generator=g) * 0.2 + same.float() * 0.6
+    t_sort = timeit(lambda: torch.sort(scores, descending=True), reps=3)
+    t_ver = timeit(lambda: ev.verification(scores, same), reps=3)
+    rows = [
+        {"what": "one sort of the scores (float32)", "size": f"{n:,} scores", "seconds": t_sort, "baseline": "-", "ratio": 1.0},
+        {"what": "verification: ROC, AUC, EER, TPR@FPR", "size": f"{n:,} scores", "seconds": t_ver, "baseline": "sort",
+         "ratio": t_ver / t_sort},
+    ]
+    try:
+        from sklearn.metrics import roc_curve
+
+        y, s = same.numpy(), scores.numpy()
+        t_sk = timeit(lambda: roc_curve(y, s), reps=3)
+        rows.append({"what": "sklearn.metrics.roc_curve", "size": f"{n:,} scores", "seconds": t_sk, "baseline": "sort",
+                     "ratio": t_sk / t_sort})
+    except ImportError:
+        rows.append({"what": "sklearn.metrics.roc_curve", "note": "skipped: scikit-learn not installed"})
+    return rows
+
+
+def bench_identification(n_gallery: int, n_probe: int = 256, D: int = 512):
+    g = torch.Generator().manual_seed(0)
+    gallery = F.normalize(torch.randn(n_gallery, D, generator=g), dim=1)
+    labels = torch.arange(n_gallery)
+    probe = F.normalize(gallery[:n_probe] + 0.5 * torch.randn(n_probe, D, generator=g), dim=1)
+    t_mm = timeit(lambda: probe @ gallery.T, reps=2)
+    t_id = timeit(lambda: ev.identification(gallery, labels, probe, labels[:n_probe], max_rank=10), reps=2)
+    bound = 1024 * 65536 * 4 / 2**20
+    return [
+        {"what": "bare matrix product probes x gallery", "size": f"{n_probe} x {n_gallery:,} x {D}", "seconds": t_mm,
+         "baseline": "-", "ratio": 1.0, "note": f"holds the full {n_probe * n_gallery * 4 / 2**20:.0f} MiB score matrix"},
+        {"what": "identification: rank-1 and CMC, chunked", "size": f"{n_probe} x {n_gallery:,} x {D}", "seconds": t_id,
+         "baseline": "matmul", "ratio": t_id / t_mm, "note": f"score blocks of at most {bound:.0f} MiB"},
+    ]
+
+
+# ---------------------------------------------------------------- training loop and renderer
+def fresh_pair():
+    torch.manual_seed(0)
+    return models.iresnet("ir8", width=0.25, input_size=32, embedding_size=64), heads.ArcFace(64, 64, s=16)
+
+
+def bench_trainer():
+    data = materialize(SynthFaces(range(64), images_per_identity=20, size=32), progress=False)
+    cfg = train.TrainConfig(epochs=1, batch_size=32, lr=0.05, progress=False, flip=False)
+    batches = train.Trainer(*fresh_pair(), data, cfg).batches(0)  # the very batches the Trainer will use
+    steps = len(batches)
+
+    def bare():
+        model, head = fresh_pair()
+        opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.05, momentum=0.9, weight_decay=5e-4)
+        model.train()
+        for index in batches:
+            images, labels, _ = data.batch(index)
+            loss = head(model(images), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    def trainer():
+        model, head = fresh_pair()
+        train.Trainer(model, head, data, cfg).fit()
+
+    t_bare, t_tr = timeit(bare, reps=3), timeit(trainer, reps=3)
+    return [
+        {"what": "bare training loop", "size": f"{steps} steps, ir8/4 at 32 px, B=32", "seconds": t_bare, "baseline": "-", "ratio": 1.0},
+        {"what": "frlab Trainer (same model and batches)", "size": f"{steps} steps, ir8/4 at 32 px, B=32", "seconds": t_tr,
+         "baseline": "bare loop", "ratio": t_tr / t_bare},
+    ]
+
+
+def bench_render(batch: int = 256, batches: int = 4):
+    faces = SynthFaces(range(10_000), images_per_identity=50, size=64)
+    t = timeit(lambda: [faces.batch(torch.arange(k * batch, (k + 1) * batch)) for k in range(batches)], reps=3)
+    n = batch * batches
+    return [{"what": "SynthFaces render", "size": f"{n} images, 64 x 64, batches of {batch}", "seconds": t,
+             "baseline": "-", "ratio": None, "note": f"{n / t:,.0f} images/s (target 2,000)"}]
+
+
+def notebook_times():
+    """Wall time of each notebook's latest smoke and default run found under runs/."""
+    rows = []
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        latest = {}
+        for p in (ROOT / "runs" / nb.stem).glob("*/params.json"):
+            meta = json.loads(p.read_text())
+            if meta.get("status") == "ok" and not p.parent.name.startswith("interactive"):
+                kind = "smoke" if meta["smoke"] else "default"
+                if kind not in latest or p.parent.name > latest[kind][0]:
+                    latest[kind] = (p.parent.name, meta["wall_s"])
+        for kind in ("smoke", "default"):
+            if kind in latest:
+                rows.append({"what": f"notebook {nb.stem}", "size": f"{kind} parameters", "seconds": latest[kind][1],
+                             "baseline": "-", "ratio": None, "note": f"run {latest[kind][0]}"})
+            else:
+                rows.append({"what": f"notebook {nb.stem}", "size": f"{kind} parameters", "note": "no run under runs/ yet"})
+    return rows
+
+
+# ---------------------------------------------------------------- report
+def fmt(v, kind):
+    if v is None:
+        return "-"
+    if kind == "seconds":
+        return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.2f} s"
+    if kind in ("ratio", "mem_ratio"):
+        return f"{v:.2f}x"
+    if kind == "peak_mib":
+        return f"{v:.0f} MiB"
+    return str(v)
+
+
+def table(rows) -> str:
+    cols = ["what", "size", "seconds", "baseline", "ratio", "peak_mib", "mem_ratio", "note"]
+    head = ["what", "size", "time", "vs", "ratio", "peak mem", "mem ratio", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c), c) if c in r else "-" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes")
+    ap.add_argument("--only", default="", help="comma-separated: heads, verification, identification, trainer, render, notebooks")
+    ap.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._memory:
+        kind, C, B, D = args._memory
+        _memory_child(kind, int(C), int(B), int(D))
+        return 0
+    suites = {
+        "heads": lambda: bench_heads([10_000] if args.quick else [10_000, 50_000, 100_000]),
+        "verification": lambda: bench_verification(1_000_000 if args.quick else 10_000_000),
+        "identification": lambda: bench_identification(100_000 if args.quick else 1_000_000),
+        "trainer": bench_trainer,
+        "render": bench_render,
+        "notebooks": notebook_times,
+    }
+    chosen = [s for s in args.only.split(",") if s] or list(suites)
+    unknown = set(chosen) - set(suites)
+    if unknown:
+        print(f"error: unknown suite {sorted(unknown)}; choose from {', '.join(suites)}", file=sys.stderr)
+        return 2
+    rows = []
+    for name in chosen:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        rows += suites[name]()
+    md = f"Machine: {machine()}. Measured {time.strftime('%Y-%m-%d %H:%M')}.\n\n{table(rows)}\n"
+    print(md)
+    out = ROOT / "runs" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    payload = {"machine": machine(), "time": stamp, "quick": args.quick, "rows": rows}
+    for path in (out / f"{stamp}.json", out / "latest.json"):
+        path.write_text(json.dumps(payload, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)) + "\n")
+    (out / "latest.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
