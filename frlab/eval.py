@@ -116,3 +116,37 @@ def identification(gallery: torch.Tensor, gallery_labels: torch.Tensor, probe: t
         hits += torch.bincount(first[first < max_rank].cpu(), minlength=max_rank).double()
     cmc = torch.cumsum(hits, 0) / len(probe)
     return {"rank1": float(cmc[0]), "cmc": cmc.tolist()}
+
+
+def class_spectra(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Intra-class spread of each class in the tangent space at its normalized centre.
+
+    For class c with unit features z_i and normalized mean mu, each z_i is mapped to the tangent
+    plane at mu by the sphere's log map, v_i = theta_i / sin(theta_i) * (z_i - cos(theta_i) mu),
+    theta_i = angle(z_i, mu). Returns, per class (in order of torch.unique(labels)):
+      spectrum        eigenvalues of the covariance of the v_i, descending, padded with 0 (C, D)
+      isotropy        smallest / largest of the first min(n - 1, D - 1) eigenvalues (1 = isotropic)
+      effective_rank  exp of the entropy of the normalized eigenvalues
+      mean_angle      mean theta_i in radians (compactness)
+    """
+    z = F.normalize(embeddings.double(), dim=1)
+    classes = torch.unique(labels)
+    D = z.shape[1]
+    spectrum = torch.zeros(len(classes), D, dtype=torch.float64)
+    iso, erank, angle = (torch.zeros(len(classes), dtype=torch.float64) for _ in range(3))
+    for k, c in enumerate(classes):
+        zc = z[labels == c]
+        mu = F.normalize(zc.mean(0), dim=0)
+        cos = (zc @ mu).clamp(-1.0, 1.0)
+        theta = torch.acos(cos)
+        scale = torch.where(theta > 1e-8, theta / torch.sin(theta).clamp(min=1e-12), torch.ones_like(theta))
+        v = scale[:, None] * (zc - cos[:, None] * mu)
+        cov = (v - v.mean(0)).T @ (v - v.mean(0)) / max(1, len(zc) - 1)
+        ev = torch.linalg.eigvalsh(cov).flip(0).clamp(min=0)
+        spectrum[k] = ev
+        r = max(1, min(len(zc) - 1, D - 1))
+        iso[k] = ev[r - 1] / ev[0] if ev[0] > 0 else 1.0
+        p = ev / ev.sum() if ev.sum() > 0 else torch.full_like(ev, 1.0 / D)
+        erank[k] = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+        angle[k] = theta.mean()
+    return {"classes": classes, "spectrum": spectrum, "isotropy": iso, "effective_rank": erank, "mean_angle": angle}

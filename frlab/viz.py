@@ -254,3 +254,22 @@ def margin_explorer(s: float = 64.0, m_cos: float = 0.35, m_arc: float = 0.5):
         sl.observe(redraw, names="value")
     redraw()
     return w.VBox([w.HBox(list(sliders.values())), out])
+
+
+def anisotropy(spectra: dict[str, dict], top: int = 10, title: str = "intra-class spread in the tangent space"):
+    """Left: each model's mean normalized eigen-spectrum of its classes' spread (first `top`
+    eigenvalues, shaded between the 25th and 75th percentile of classes); right: the distribution
+    of the per-class isotropy ratio. `spectra` maps a name to `eval.class_spectra(...)`."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for k, (name, sp) in enumerate(spectra.items()):
+        ev = sp["spectrum"][:, :top]
+        ev = (ev / ev[:, :1].clamp(min=1e-12)).numpy()
+        x = np.arange(1, ev.shape[1] + 1)
+        axes[0].plot(x, ev.mean(0), marker="o", ms=3, label=name, color=f"C{k}")
+        axes[0].fill_between(x, np.percentile(ev, 25, 0), np.percentile(ev, 75, 0), alpha=0.15, color=f"C{k}")
+        axes[1].hist(sp["isotropy"].numpy(), bins=20, range=(0, 1), alpha=0.45, label=name, color=f"C{k}")
+    axes[0].set(xlabel="eigenvalue rank", ylabel="eigenvalue / largest", title="mean spectrum per class", yscale="log")
+    axes[1].set(xlabel="isotropy (smallest / largest eigenvalue)", ylabel="classes", title="isotropy per class")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return fig

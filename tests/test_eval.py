@@ -76,3 +76,27 @@ def test_identification_chunked_matches_a_naive_ranking():
         ranks.append(int(hit[0]) if len(hit) else 10**9)
     expected = [sum(r <= k for r in ranks) / 70 for k in range(5)]
     assert got["cmc"] == pytest.approx(expected)
+
+
+def test_class_spectra_against_a_naive_tangent_projection():
+    """An elongated class on the sphere has a low isotropy ratio; a round one a high one."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.tensor([0.0, 0.0, 1.0])
+    round_ = torch.nn.functional.normalize(mu + 0.1 * torch.randn(400, 3, generator=g) * torch.tensor([1.0, 1.0, 0.0]), dim=1)
+    long_ = torch.nn.functional.normalize(mu + torch.randn(400, 3, generator=g) * torch.tensor([0.3, 0.03, 0.0]), dim=1)
+    emb, labels = torch.cat([round_, long_]), torch.tensor([0] * 400 + [1] * 400)
+    out = ev.class_spectra(emb, labels)
+    assert out["isotropy"][0] > 0.7 and out["isotropy"][1] < 0.05
+    assert 1.7 < out["effective_rank"][0] < 2.0 and out["effective_rank"][1] < 1.2
+    # naive reference for class 1, point by point
+    z = long_.double()
+    m = torch.nn.functional.normalize(z.mean(0), dim=0)
+    vs = []
+    for zi in z:
+        t = torch.acos(torch.clamp(zi @ m, -1, 1))
+        vs.append(t / torch.sin(t) * (zi - torch.cos(t) * m))
+    v = torch.stack(vs)
+    cov = torch.cov(v.T)
+    expected = sorted(torch.linalg.eigvalsh(cov).tolist(), reverse=True)
+    assert out["spectrum"][1].tolist() == pytest.approx(expected, abs=1e-10)
+    assert float(out["mean_angle"][1]) == pytest.approx(float(torch.stack([torch.acos(torch.clamp(zi @ m, -1, 1)) for zi in z]).mean()))
