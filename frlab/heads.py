@@ -6,10 +6,12 @@
     head.logits(embeddings)                                  # cosines to every proxy, for inspection
 
 How the margin heads stay cheap: the only B x C work is the classifier's own (one matrix product
-of normalized embeddings and proxies, cross-entropy). The margin touches just the B target
-logits: the target cosine is recomputed in float32 from the B target proxies (B x D work, exact
-even under bf16/fp16 autocast) and written over the target column in place. Everything a margin
-adds is therefore O(B x D) next to the O(B x D x C) the bare classifier costs.
+of normalized embeddings and proxies, cross-entropy). The proxies are never normalized as a
+C x D copy: `CosineLinear` multiplies the raw weight and scales the product's columns by
+1 / |W_j|, with a hand-written backward that needs no C x D temporary either. The margin touches
+just the B target logits: the target cosine is recomputed in float32 from the B target proxies
+(B x D work, exact even under bf16/fp16 autocast) and written over the target column in place.
+CurricularFace re-weights its hard negatives in place, keeping only a mask and their values.
 """
 from __future__ import annotations
 
@@ -40,6 +42,72 @@ def _check(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch
     return labels.long()
 
 
+class CosineLinear(torch.autograd.Function):
+    """(s x_hat) @ (W / |W|).T without a normalized copy of W.
+
+    forward: out = xs @ W.T, then each column j is scaled by inv_j = 1 / |W_j| (in place).
+    backward, with g = dL/dout and gs = g * inv (columns scaled):
+        dL/dxs  = gs @ W
+        dL/dW_j = h_j - inv_j^2 (W_j . h_j) W_j,   h = gs.T @ xs
+    (the derivative of W_j / |W_j|, folded in so that no C x D temporary is made), computed in
+    blocks of classes so that gs is never a whole B x C tensor either. Under autocast the products
+    run in the autocast dtype, the column scales and dL/dW in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        inv = torch.linalg.vector_norm(w.detach().float(), dim=1).clamp_(min=1e-12).reciprocal_()
+        out = xs @ w.t()
+        out.mul_(inv.to(out.dtype))
+        ctx.save_for_backward(xs, w, inv)
+        return out
+
+    CHUNK = 8192  # classes per block in backward: gs is never a whole B x C tensor
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        xs, w, inv = ctx.saved_tensors
+        dt = g.dtype
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x = torch.zeros(xs.shape, dtype=torch.float32, device=xs.device) if need_x else None
+        grad_w = torch.empty_like(w) if need_w else None
+        xs_dt = xs.to(dt)
+        for j in range(0, w.shape[0], CosineLinear.CHUNK):
+            k = slice(j, j + CosineLinear.CHUNK)
+            gs = g[:, k] * inv[k].to(dt)
+            if need_x:
+                grad_x += gs @ w[k].to(dt)
+            if need_w:
+                grad_w[k] = gs.t() @ xs_dt
+        if need_w:
+            coef = torch.einsum("cd,cd->c", w, grad_w) * (inv * inv).to(w.dtype)
+            grad_w.addcmul_(w, coef[:, None], value=-1.0)
+        return (grad_x.to(xs.dtype) if need_x else None), grad_w
+
+
+class _HardNegatives(torch.autograd.Function):
+    """CurricularFace's re-weighting, in place on scaled logits L = s cos:
+    L -> L * f with f = t + L / s where L > threshold (row-wise), f = 1 elsewhere.
+    Saves f and the mask; the derivative is 2 f - t on hard negatives, 1 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, threshold: torch.Tensor, t: torch.Tensor, s: float) -> torch.Tensor:
+        mask = logits > threshold
+        f = logits.div(s).add_(t)
+        f = torch.where(mask, f, torch.ones((), dtype=f.dtype, device=f.device), out=f)
+        logits.mul_(f)
+        ctx.mark_dirty(logits)
+        ctx.save_for_backward(mask, f, t)
+        return logits
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        mask, f, t = ctx.saved_tensors
+        d = f.mul(2).sub_(t)
+        d = torch.where(mask, d, torch.ones((), dtype=d.dtype, device=d.device), out=d)
+        return d.mul_(g), None, None, None
+
+
 class Head(nn.Module):
     """Base class: a (num_classes, in_features) weight of class proxies, normalized cosines."""
 
@@ -68,9 +136,9 @@ class Head(nn.Module):
         """The class each embedding is assigned to at inference: the nearest proxy."""
         return self.logits(x).argmax(1)
 
-    def target_cosine(self, xn: torch.Tensor, wn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def target_cosine(self, xn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """cos(theta_y) in float32, from the B target proxies only."""
-        return (xn.float() * wn[labels].float()).sum(1).clamp(-1.0, 1.0)
+        return (xn.float() * F.normalize(self.weight[labels].float(), dim=1)).sum(1).clamp(-1.0, 1.0)
 
     def extra_repr(self) -> str:
         hp = {k: v for k, v in vars(self).items() if k in ("s", "m", "k", "r", "delta", "t_momentum")}
@@ -108,15 +176,17 @@ class _MarginSoftmax(Head):
 
     def scaled_logits(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """s * cos with the margin applied to the target column: the input of cross-entropy."""
-        x = self._input(x)
-        xn, wn = F.normalize(x, dim=1), F.normalize(self.weight, dim=1)
-        logits = F.linear(xn * self.s, wn).float()  # s folded into the B x D side: no B x C multiply
-        cos_y = self.target_cosine(xn, wn, labels)
+        xn = F.normalize(self._input(x), dim=1)
+        logits = CosineLinear.apply(xn * self.s, self.weight).float()  # s folded into the B x D side
+        cos_y = self.target_cosine(xn, labels)
         if self.training:
             self.update(cos_y)
-        if type(self).negatives is not _MarginSoftmax.negatives:
-            logits = self.s * self.negatives(logits / self.s, cos_y)
+        logits = self.scaled_negatives(logits, cos_y)
         return logits.scatter_(1, labels[:, None], (self.s * self.target(cos_y))[:, None])
+
+    def scaled_negatives(self, logits: torch.Tensor, cos_y: torch.Tensor) -> torch.Tensor:
+        """`negatives` on s * cos, as training computes it (identity unless a head re-weights)."""
+        return logits
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = _check(x, labels, self.weight)
@@ -205,11 +275,18 @@ class CurricularFace(_MarginSoftmax):
         with torch.no_grad():
             self.t.mul_(1 - self.t_momentum).add_(self.t_momentum * cos_y.mean())
 
-    def negatives(self, cos: torch.Tensor, cos_y: torch.Tensor) -> torch.Tensor:
+    def hardness_threshold(self, cos_y: torch.Tensor) -> torch.Tensor:
+        """cos(theta_y + m) before the fallback, (B, 1): negatives above it are hard."""
         sin_y = torch.sqrt((1.0 - cos_y * cos_y).clamp(min=1e-12))
-        cos_ym = (cos_y * math.cos(self.m) - sin_y * math.sin(self.m))[:, None]  # before the fallback
+        return (cos_y * math.cos(self.m) - sin_y * math.sin(self.m))[:, None]
+
+    def negatives(self, cos: torch.Tensor, cos_y: torch.Tensor) -> torch.Tensor:
         t = self.t.to(cos.dtype)
-        return torch.where(cos > cos_ym, cos * (t + cos), cos)
+        return torch.where(cos > self.hardness_threshold(cos_y), cos * (t + cos), cos)
+
+    def scaled_negatives(self, logits: torch.Tensor, cos_y: torch.Tensor) -> torch.Tensor:
+        threshold = (self.s * self.hardness_threshold(cos_y)).to(logits.dtype)
+        return _HardNegatives.apply(logits, threshold, self.t.to(logits.dtype), self.s)
 
 
 class NPT(Head):
@@ -238,10 +315,9 @@ class NPT(Head):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = _check(x, labels, self.weight)
-        x = self._input(x)
-        xn, wn = F.normalize(x, dim=1), F.normalize(self.weight, dim=1)
-        cos = F.linear(xn, wn).float()
-        cos_y = self.target_cosine(xn, wn, labels)
+        xn = F.normalize(self._input(x), dim=1)
+        cos = CosineLinear.apply(xn, self.weight).float()
+        cos_y = self.target_cosine(xn, labels)
         cos = cos.scatter_(1, labels[:, None], float("-inf"))  # never a negative
         nearest = cos.topk(self.k, dim=1).values
         hinge = (nearest - cos_y[:, None] + self.delta / (2 * self.r**2)).clamp(min=0)
