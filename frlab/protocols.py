@@ -3,7 +3,7 @@
     pairs = verification_pairs(meta["label"], max_impostors=200_000, seed=0)
     subsets = pair_subsets(pairs, easy=is_easy(meta), hard=is_hard(meta))   # {"all", "easy", "hard"}
     report = verification_report(scores, pairs, subsets)                    # {"easy": {...}, ...}
-    kfold_accuracy(scores, pairs)                                           # LFW-style 10 folds
+    kfold_accuracy(scores[keep], pairs.select(keep))  # LFW-style 10 folds, keep = balanced(pairs)
 
 Pairs are always between test identities, which never overlap training identities (SynthFaces id
 ranges, ORL's fixed split). Easy and hard are rules on sample metadata that notebooks can change.
@@ -149,7 +149,9 @@ def verification_report(scores: torch.Tensor, pairs: Pairs, subsets: dict[str, t
         same = pairs.same[mask]
         if same.any() and (~same).any():
             out[name] = ev.verification(scores[mask], same, levels)
-            out[name]["accuracy_10fold"] = kfold_accuracy(scores[mask], pairs.select(mask))["mean"]
+            sub = pairs.select(mask)
+            keep = balanced(sub)
+            out[name]["accuracy_10fold"] = kfold_accuracy(scores[mask][keep], sub.select(keep))["mean"]
     return out
 
 
@@ -172,6 +174,18 @@ def best_threshold(scores: torch.Tensor, same: torch.Tensor) -> float:
     if k == len(s):
         return float(s[-1]) + 1e-6
     return float((s[k - 1] + s[k]) / 2)
+
+
+def balanced(pairs: Pairs, seed: int = 0) -> torch.Tensor:
+    """Mask keeping, in each fold, every genuine pair and as many impostor pairs (drawn at random),
+    as LFW's folds do; accuracy on all pairs would reward answering "impostor" to everything."""
+    g = torch.Generator().manual_seed(seed)
+    keep = pairs.same.clone()
+    for f in torch.unique(pairs.fold).tolist():
+        imp = ((pairs.fold == f) & ~pairs.same).nonzero().squeeze(1)
+        n = int(((pairs.fold == f) & pairs.same).sum())
+        keep[imp[torch.randperm(len(imp), generator=g)[:n]]] = True
+    return keep
 
 
 def kfold_accuracy(scores: torch.Tensor, pairs: Pairs) -> dict[str, float]:

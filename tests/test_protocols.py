@@ -86,3 +86,17 @@ def test_gallery_probe_split_takes_the_easiest_per_identity():
     assert sorted(probe.tolist()) == [0, 2, 3]
     g2, p2 = pr.gallery_probe_split(meta, per_identity=2)
     assert sorted(g2.tolist()) == [0, 1, 3, 4, 5] and p2.tolist() == [2]
+
+
+def test_balanced_keeps_every_genuine_pair_and_as_many_impostors_per_fold():
+    labels = torch.arange(30).repeat_interleave(3)
+    p = pr.verification_pairs(labels)
+    keep = pr.balanced(p)
+    assert bool(keep[p.same].all())
+    for f in range(10):
+        in_fold = keep & (p.fold == f)
+        assert int((in_fold & p.same).sum()) == int((in_fold & ~p.same).sum()) > 0
+    # balanced accuracy of a useless score is near chance, not near the impostor share
+    g = torch.Generator().manual_seed(0)
+    sub = p.select(keep)
+    assert pr.kfold_accuracy(torch.rand(len(sub), generator=g), sub)["mean"] < 0.7
