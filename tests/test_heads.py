@@ -259,3 +259,25 @@ def test_npt_margin_logits_mark_where_the_hinge_vanishes():
     satisfied = head.margin_logits(cos, y).argmax(1) == y
     per_sample = torch.stack([head(x[i:i + 1], y[i:i + 1]) for i in range(40)])
     assert torch.equal(satisfied, per_sample == 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_matches_the_reference_in_fp32_and_under_bf16_autocast(name):
+    head, x, y = make(name)
+    head = head.cuda()
+    xc = x.cuda().requires_grad_(True)
+    loss = head(xc, y.cuda())
+    loss.backward()
+    x64 = x.double().requires_grad_(True)
+    w64 = head.weight.detach().cpu().double().requires_grad_(True)
+    ref = CASES[name][1](type("W", (), {"weight": w64})(), x64, y)
+    ref.backward()
+    ref = ref.detach()
+    torch.testing.assert_close(loss.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xc.grad.double().cpu(), x64.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(head.weight.grad.double().cpu(), w64.grad, rtol=1e-3, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss16 = head(x.cuda(), y.cuda())
+    assert loss16.dtype == torch.float32
+    torch.testing.assert_close(loss16.double().cpu(), ref, rtol=0.05, atol=0.05 * float(ref))
