@@ -141,12 +141,14 @@ def class_spectra(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, t
         theta = torch.acos(cos)
         scale = torch.where(theta > 1e-8, theta / torch.sin(theta).clamp(min=1e-12), torch.ones_like(theta))
         v = scale[:, None] * (zc - cos[:, None] * mu)
-        cov = (v - v.mean(0)).T @ (v - v.mean(0)) / max(1, len(zc) - 1)
+        vc = v - v.mean(0)
+        cov = vc.T @ vc / max(1, len(zc) - 1)
         ev = torch.linalg.eigvalsh(cov).flip(0).clamp(min=0)
         spectrum[k] = ev
         r = max(1, min(len(zc) - 1, D - 1))
         iso[k] = ev[r - 1] / ev[0] if ev[0] > 0 else 1.0
         p = ev / ev.sum() if ev.sum() > 0 else torch.full_like(ev, 1.0 / D)
-        erank[k] = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+        p = p[p > 0]
+        erank[k] = torch.exp(-(p * p.log()).sum())
         angle[k] = theta.mean()
     return {"classes": classes, "spectrum": spectrum, "isotropy": iso, "effective_rank": erank, "mean_angle": angle}

@@ -11,7 +11,7 @@ C x D copy: `CosineLinear` multiplies the raw weight and scales the product's co
 1 / |W_j|, with a hand-written backward that needs no C x D temporary either. The margin touches
 just the B target logits: the target cosine is recomputed in float32 from the B target proxies
 (B x D work, exact even under bf16/fp16 autocast) and written over the target column in place.
-CurricularFace re-weights its hard negatives in place, keeping only a mask and their values.
+CurricularFace re-weights its hard negatives in place, keeping a mask and one factor per logit.
 """
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ class CosineLinear(torch.autograd.Function):
     run in the autocast dtype, the column scales and dL/dW in float32.
     """
 
+    CHUNK = 8192  # classes per block in backward: gs is never a whole B x C tensor
+
     @staticmethod
     def forward(ctx, xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         inv = torch.linalg.vector_norm(w.detach().float(), dim=1).clamp_(min=1e-12).reciprocal_()
@@ -61,8 +63,6 @@ class CosineLinear(torch.autograd.Function):
         out.mul_(inv.to(out.dtype))
         ctx.save_for_backward(xs, w, inv)
         return out
-
-    CHUNK = 8192  # classes per block in backward: gs is never a whole B x C tensor
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):

@@ -61,11 +61,16 @@ def _annotation(node: ast.expr, src: str) -> str:
     raise ParameterError(f"unsupported parameter type {text!r}; use int, float, str, bool or list[...] of them")
 
 
+def parameters_cell_index(nb: dict) -> int:
+    """Position of the notebook's one cell tagged `parameters`."""
+    found = [i for i, c in enumerate(nb["cells"]) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(found) != 1:
+        raise ParameterError(f"expected exactly one cell tagged 'parameters', found {len(found)}")
+    return found[0]
+
+
 def parameters_cell(nb: dict) -> str:
-    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if len(cells) != 1:
-        raise ParameterError(f"expected exactly one cell tagged 'parameters', found {len(cells)}")
-    src = cells[0]["source"]
+    src = nb["cells"][parameters_cell_index(nb)]["source"]
     return "".join(src) if isinstance(src, list) else src
 
 

@@ -39,7 +39,7 @@ class Pairs:
 def verification_pairs(labels: torch.Tensor, max_impostors: int | None = None, folds: int = 10, seed: int = 0) -> Pairs:
     """Every genuine pair and every impostor pair, or `max_impostors` impostor pairs drawn without
     replacement (uniformly over unordered pairs). Fold of a pair = fold of its first identity,
-    identities being dealt round-robin into `folds` folds in order of first appearance."""
+    identities being dealt round-robin into `folds` folds in ascending label order."""
     labels = torch.as_tensor(labels).long()
     n = len(labels)
     order = torch.argsort(labels, stable=True)
@@ -58,9 +58,8 @@ def verification_pairs(labels: torch.Tensor, max_impostors: int | None = None, f
     gj = torch.cat(gj) if gj else torch.zeros(0, dtype=torch.long)
     n_imp = n * (n - 1) // 2 - len(gi)
     if max_impostors is None or max_impostors >= n_imp:
-        ii, jj = torch.triu_indices(n, n, 1)
-        keep = labels[ii] != labels[jj]
-        ii, jj = ii[keep], jj[keep]
+        ii, jj, same_all = ev.all_pairs(labels)
+        ii, jj = ii[~same_all], jj[~same_all]
     else:
         g = torch.Generator().manual_seed(seed)
         ii, jj = _sample_impostors(labels, max_impostors, g)

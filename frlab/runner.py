@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .params import ParameterError, coerce, parameters_cell, parse_parameters
+from .params import ParameterError, coerce, parameters_cell, parameters_cell_index, parse_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,8 +106,7 @@ def plan(notebook: Path, overrides: list[tuple[str, str]], smoke: bool) -> Plan:
             values[name] = coerce(params, name, text)
         except ParameterError as e:
             raise ParameterError(f"{notebook.stem}: {e}") from None
-    index = next(i for i, c in enumerate(nb["cells"]) if "parameters" in c.get("metadata", {}).get("tags", []))
-    return Plan(notebook, values, smoke, index)
+    return Plan(notebook, values, smoke, parameters_cell_index(nb))
 
 
 def new_run_dir(out: Path, stem: str, smoke: bool) -> Path:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -256,7 +255,5 @@ def fit_cached(name: str, model: nn.Module, head: nn.Module, data, cfg: TrainCon
     path = Path(cache_dir) / f"{cache_key(name, model, head, data, cfg, kw.get('extra'))}.pt"
     cfg = TrainConfig(**{**asdict(cfg), "checkpoint": str(path)})
     trainer = Trainer(model, head, data, cfg, **kw)
-    t0 = time.perf_counter()
     trainer.fit()
-    trainer.seconds = time.perf_counter() - t0
     return trainer
