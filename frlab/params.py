@@ -4,6 +4,7 @@ Every notebook has one code cell tagged `parameters` (papermill's convention). E
 an annotated assignment of a literal, optionally followed by the value used in smoke runs:
 
     steps: int = 400        # smoke: 20
+    k: int = 4              # smoke: 2; anything after a semicolon is a note
     heads: list[str] = ["arcface", "cosface"]
     run_dir: str = ""       # set by the runner: where metrics.json and figures/ go
 
@@ -23,7 +24,7 @@ from typing import Any
 
 SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 RESERVED = {"run_dir"}  # set by the runner, never by the user
-_SMOKE = re.compile(r"#\s*smoke:\s*(.+?)\s*$")
+_SMOKE = re.compile(r"#\s*smoke:\s*([^;]+?)\s*(;.*)?$")
 
 
 class ParameterError(ValueError):
@@ -89,9 +90,16 @@ def parse_parameters(src: str) -> dict[str, Parameter]:
         p = Parameter(name, _annotation(stmt.annotation, src), None)
         default = p.check(ast.literal_eval(stmt.value), " (default)")
         smoke_src = comments.get(stmt.lineno)
-        smoke = p.check(ast.literal_eval(smoke_src), " (smoke)") if smoke_src is not None else None
+        smoke = p.check(_literal(smoke_src, f"{name} (smoke)"), " (smoke)") if smoke_src is not None else None
         params[name] = Parameter(name, p.type, default, smoke, smoke_src is not None)
     return params
+
+
+def _literal(text: str, where: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ParameterError(f"{where}: {text!r} is not a Python literal (notes go after a semicolon: `# smoke: 2; note`)") from None
 
 
 def read_parameters(path: str | Path) -> dict[str, Parameter]:

@@ -32,3 +32,12 @@ def test_parameters_cell_is_typed_and_complete(path):
         assert required in params and params[required].type == kind, f"{path.name}: needs `{required}: {kind}`"
     assert params["run_dir"].default == ""
     assert any(p.has_smoke for p in params.values()), f"{path.name}: declare smoke values (`# smoke: ...`)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_reads_every_parameter(path):
+    """papermill parses the cell with its own rules (it gives up on a line whose comment holds '=',
+    and then warns 'Passed unknown parameter' on every run): it must see what frlab sees."""
+    import papermill
+
+    assert list(papermill.inspect_notebook(str(path))) == list(read_parameters(path))

@@ -17,13 +17,15 @@ rate: float = 0.1
 name: str = "arcface"   # smoke: "cosface"
 flag: bool = False
 sizes: list[int] = [32, 64]  # smoke: [32]
+k: int = 4              # smoke: 2; a note after the smoke value
 run_dir: str = ""
 '''
 
 
 def test_parse_types_defaults_and_smoke_values():
     p = parse_parameters(CELL)
-    assert list(p) == ["steps", "rate", "name", "flag", "sizes", "run_dir"]
+    assert list(p) == ["steps", "rate", "name", "flag", "sizes", "k", "run_dir"]
+    assert (p["k"].default, p["k"].smoke) == (4, 2)
     assert (p["steps"].type, p["steps"].default, p["steps"].smoke) == ("int", 400, 20)
     assert (p["name"].smoke, p["sizes"].smoke) == ("cosface", [32])
     assert not p["rate"].has_smoke and p["rate"].type == "float"
@@ -38,6 +40,7 @@ def test_parse_types_defaults_and_smoke_values():
         ("steps: int = 1.5", "expected int"),
         ("steps: int = 3  # smoke: 'x'", r"steps \(smoke\): expected int"),
         ("x: int = f(3)", "malformed|literal"),
+        ("x: int = 3  # smoke: 1 (a note without a semicolon)", r"x \(smoke\): .* is not a Python literal"),
     ],
 )
 def test_malformed_parameter_cells_are_rejected(src, message):
@@ -58,7 +61,7 @@ def test_coerce_command_line_values(name, text, value):
 @pytest.mark.parametrize(
     "name, text, message",
     [
-        ("stpes", "3", r"'stpes' is not a parameter; valid parameters: steps: int, rate: float, name: str, flag: bool, sizes: list\[int\]$"),
+        ("stpes", "3", r"'stpes' is not a parameter; valid parameters: steps: int, rate: float, name: str, flag: bool, sizes: list\[int\], k: int$"),
         ("steps", "3.5", r"steps='3.5' is not a valid int; valid parameters: steps: int"),
         ("steps", "many", "is not a valid int"),
         ("flag", "maybe", "is not a valid bool"),
