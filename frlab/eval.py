@@ -152,3 +152,37 @@ def class_spectra(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, t
         erank[k] = torch.exp(-(p * p.log()).sum())
         angle[k] = theta.mean()
     return {"classes": classes, "spectrum": spectrum, "isotropy": iso, "effective_rank": erank, "mean_angle": angle}
+
+
+def intra_angles(embeddings: torch.Tensor, labels: torch.Tensor, return_centres: bool = False):
+    """Each sample's angle (radians, float64, on the CPU) to its class's normalized mean feature;
+    with return_centres, also the unit centres (C, D) in order of torch.unique(labels)."""
+    z = F.normalize(embeddings.detach().double().cpu(), dim=1)
+    classes, inverse = torch.unique(labels.cpu(), return_inverse=True)
+    mu = F.normalize(torch.zeros(len(classes), z.shape[1], dtype=z.dtype).index_add_(0, inverse, z), dim=1)
+    theta = torch.acos((z * mu[inverse]).sum(1).clamp(-1, 1))
+    return (theta, mu) if return_centres else theta
+
+
+def class_margins(embeddings: torch.Tensor, labels: torch.Tensor, quantile: float = 1.0) -> dict[str, torch.Tensor]:
+    """Angular room between identities, per class (in order of torch.unique(labels)), in radians.
+
+    Each class is a cap on the sphere around its normalized centre mu_c, of radius r_c = the angle
+    of its farthest sample from mu_c (or the given quantile of its samples' angles, to ignore
+    outliers). The margin of class c is the gap between its cap and the nearest other cap:
+        margin_c = min over c' != c of  angle(mu_c, mu_c') - r_c - r_c'
+    (negative where caps overlap). Returns radius, nearest (angle to the nearest other centre) and
+    margin, each (C,).
+    """
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    classes, inverse = torch.unique(labels.cpu(), return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError("class margins need at least two classes")
+    theta, mu = intra_angles(embeddings, labels, return_centres=True)
+    radius = torch.stack([torch.quantile(theta[inverse == k], quantile) for k in range(len(classes))])
+    between = torch.acos((mu @ mu.T).clamp(-1, 1))
+    gap = between - radius[:, None] - radius[None, :]
+    gap.fill_diagonal_(float("inf"))
+    between.fill_diagonal_(float("inf"))
+    return {"classes": classes, "radius": radius, "nearest": between.min(1).values, "margin": gap.min(1).values}

@@ -105,6 +105,31 @@ def is_hard(meta: dict, min_yaw: float = 45.0, min_resolution: float = 3.0) -> t
     return (meta["yaw"].abs() >= min_yaw) | (meta["resolution"] >= min_resolution) | (meta["mask"] >= 0.5)
 
 
+@dataclass(frozen=True)
+class EasyRule:
+    """`is_easy` with fixed thresholds, as a value: callable on metadata, printable, comparable
+    (losses keep their rule as an argument, and cached models are keyed by its repr)."""
+
+    max_yaw: float = 20.0
+    max_pitch: float = 15.0
+    max_resolution: float = 1.5
+    max_blur: float = 0.5
+
+    def __call__(self, meta: dict) -> torch.Tensor:
+        return is_easy(meta, self.max_yaw, self.max_pitch, self.max_resolution, self.max_blur)
+
+
+@dataclass(frozen=True)
+class HardRule:
+    """`is_hard` with fixed thresholds, as a value (see EasyRule)."""
+
+    min_yaw: float = 45.0
+    min_resolution: float = 3.0
+
+    def __call__(self, meta: dict) -> torch.Tensor:
+        return is_hard(meta, self.min_yaw, self.min_resolution)
+
+
 # one nuisance at a time: which samples carry it (for "which factor hurts" breakdowns)
 HARD_FACTORS = {
     "yaw >= 45": lambda m: m["yaw"].abs() >= 45,

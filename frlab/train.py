@@ -6,15 +6,18 @@
 
 * One optimizer over the model, the head and any extra term that has parameters.
 * Extra loss terms are callables `term(embeddings, labels, meta) -> scalar`, added to the head's
-  loss; each is logged under its name.
+  loss; each is logged under its name. `meta` holds the batch's metadata and, under "images", the
+  augmented images the model saw (a distillation term runs its teacher on them).
 * Deterministic: the batch order of epoch e and the RNG used inside it derive from (seed, e), so a
   run resumed from the checkpoint of epoch e ends with the same weights as an uninterrupted one.
 * Checkpoints are written atomically after every epoch and loaded with weights_only=True.
 * `fit_cached` trains once per distinct (model, head, data, config) and reloads afterwards, so that
-  notebooks share baselines instead of retraining them.
+  notebooks share baselines instead of retraining them; `finetune` does the same on copies of a
+  trained model (keyed by its weights), for the notebooks that fine-tune one baseline two ways.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -41,7 +44,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     head_lr_mult: float = 1.0  # learning rate of head and extra terms, relative to lr
     flip: bool = True  # random horizontal flips
-    sampler: str = "random"  # "random" or "pk" (P identities x K images per batch)
+    sampler: str = "random"  # "random", "pk" (P identities x K images) or "mixed" (half random, half P x K)
     images_per_identity: int = 4  # K of the P x K sampler
     grad_clip: float = 0.0  # 0 disables
     amp: bool = False  # bf16 autocast (on CUDA, and on CPU where supported)
@@ -55,8 +58,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
-        if self.sampler not in ("random", "pk"):
-            raise ValueError(f"sampler must be 'random' or 'pk', got {self.sampler!r}")
+        if self.sampler not in ("random", "pk", "mixed"):
+            raise ValueError(f"sampler must be 'random', 'pk' or 'mixed', got {self.sampler!r}")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("need epochs >= 1 and batch_size >= 2")
 
@@ -136,11 +139,20 @@ class Trainer:
     # ------------------------------------------------------------------ batches
     def batches(self, epoch: int) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch))
+        b, k, n = self.cfg.batch_size, self.cfg.images_per_identity, self.steps_per_epoch
+        labels = self.data.meta["label"] if hasattr(self.data, "meta") else self.data.labels
         if self.cfg.sampler == "pk":
-            labels = self.data.meta["label"] if hasattr(self.data, "meta") else self.data.labels
-            return pk_batches(labels, self.cfg.batch_size, self.cfg.images_per_identity, g)[: self.steps_per_epoch]
+            return pk_batches(labels, b, k, g)[:n]
+        if self.cfg.sampler == "mixed":  # random images first, then P x K (EKD's batches)
+            if b < 2 * k:
+                raise ValueError(f"a mixed batch of {b} has no room for P x K with K = {k}")
+            n_pk = (b // 2) // k * k
+            pk = pk_batches(labels, n_pk, k, g)  # at least n batches, as n_pk <= b
+            perm = torch.randperm(len(self.data), generator=g)
+            r = b - n_pk
+            return [torch.cat([perm[i * r:(i + 1) * r], pk[i]]) for i in range(n)]
         perm = torch.randperm(len(self.data), generator=g)
-        return [perm[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size] for i in range(self.steps_per_epoch)]
+        return [perm[i * b:(i + 1) * b] for i in range(n)]
 
     def train_step(self, index: torch.Tensor) -> dict[str, float]:
         images, labels, meta = self.data.batch(index, self.device)
@@ -151,6 +163,7 @@ class Trainer:
             emb = self.model(images)
         emb = emb.float()
         losses = {"head": self.head(emb, labels)}
+        meta = {**meta, "images": images}  # the augmented batch, for terms that need it (distillation)
         for name, term in self.extra.items():
             losses[name] = term(emb, labels, meta)
         total = sum(losses.values())
@@ -237,13 +250,24 @@ def _source_digest() -> str:
     return h.hexdigest()[:16]
 
 
+def weights_digest(*modules: nn.Module) -> str:
+    """A digest of the modules' parameters and buffers (names and bytes)."""
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in m.state_dict().items():
+            h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(name: str, model: nn.Module, head: nn.Module, data, cfg: TrainConfig, extra: Mapping | None = None) -> str:
-    """A digest of everything that determines the trained weights (not device or progress bars),
-    frlab's source code included."""
+    """A digest of everything that determines the trained weights (not device or progress bars):
+    frlab's source code, the architectures and their starting weights (so a fine-tuning run is
+    keyed by the model it starts from), the data, the config and the extra terms."""
     c = {k: v for k, v in asdict(cfg).items() if k not in ("device", "progress", "checkpoint")}
+    extra = dict(extra or {})
     text = json.dumps(
-        [name, _source_digest(), repr(model), repr(head), getattr(data, "fingerprint", repr(data)), c,
-         sorted((extra or {}).items(), key=str)],
+        [name, _source_digest(), repr(model), repr(head), weights_digest(model, head, *[t for t in extra.values() if isinstance(t, nn.Module)]),
+         getattr(data, "fingerprint", repr(data)), c, sorted(extra.items(), key=str)],
         default=repr,
     )
     return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
@@ -257,3 +281,9 @@ def fit_cached(name: str, model: nn.Module, head: nn.Module, data, cfg: TrainCon
     trainer = Trainer(model, head, data, cfg, **kw)
     trainer.fit()
     return trainer
+
+
+def finetune(name: str, model: nn.Module, head: nn.Module, data, cfg: TrainConfig, cache_dir: str | Path = CACHE, **kw) -> Trainer:
+    """`fit_cached` on copies of a trained model and head (the originals stay as they are); the
+    cache key includes the starting weights, so each starting model gets its own fine-tuned copy."""
+    return fit_cached(name, copy.deepcopy(model), copy.deepcopy(head), data, cfg, cache_dir, **kw)

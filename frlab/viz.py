@@ -273,3 +273,146 @@ def anisotropy(spectra: dict[str, dict], top: int = 10, title: str = "intra-clas
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     return fig
+
+
+def easy_hard_distributions(scores: dict[str, torch.Tensor], same: torch.Tensor, easy: torch.Tensor, hard: torch.Tensor,
+                            bins: int = 60, title: str = "similarity distributions of easy and hard pairs"):
+    """The DDL paper's picture, one panel per model: genuine and impostor similarities of easy
+    pairs (filled) and of hard pairs (outlined). `easy` and `hard` are masks over the pairs."""
+    from .losses.ddl import easy_hard_gap
+
+    same, easy, hard = (t.detach().cpu() for t in (same, easy, hard))
+    fig, axes = plt.subplots(1, len(scores), figsize=(3.9 * len(scores), 3.2), squeeze=False, sharey=True)
+    edges = np.linspace(-0.4, 1.0, bins + 1)
+    for ax, (name, s) in zip(axes.flat, scores.items()):
+        s = s.detach().cpu()
+        for mask, kind, color in ((same, "genuine", GENUINE), (~same, "impostor", IMPOSTOR)):
+            ax.hist(s[mask & easy].numpy(), bins=edges, density=True, alpha=0.45, color=color, label=f"easy {kind}")
+            ax.hist(s[mask & hard].numpy(), bins=edges, density=True, histtype="step", lw=1.6, color=color, label=f"hard {kind}")
+        gap = easy_hard_gap(s, same, easy, hard)
+        ax.set(xlabel="cosine similarity", title=f"{name}\nKL(easy||hard) genuine {gap.get('kl_pos', float('nan')):.2f}")
+    axes[0, 0].set_ylabel("density")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def seed_points(table, metrics: tuple[str, ...], order: list[str] | None = None, title: str = ""):
+    """One panel per metric: each model's value per seed (dots) and their mean (bar). `table` is a
+    pandas DataFrame with columns "model", "seed" and the metrics."""
+    order = order or list(dict.fromkeys(table["model"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.1), squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        means = [table.loc[table["model"] == k, m].mean() for k in order]
+        ax.bar(range(len(order)), means, color=[f"C{i}" for i in range(len(order))], alpha=0.35)
+        for i, k in enumerate(order):
+            v = table.loc[table["model"] == k, m].to_numpy()
+            ax.plot(np.full(len(v), i) + np.linspace(-0.12, 0.12, len(v)), v, "o", color=f"C{i}", ms=4)
+        ax.set(xticks=range(len(order)), title=m)
+        values = table[m].to_numpy(dtype=float)
+        if np.isfinite(values).any():  # a level a small run cannot resolve is NaN
+            lo, hi = min(np.nanmin(values), 0.0), np.nanmax(values)
+            ax.set_ylim(lo - 0.05 * (hi - lo) - 1e-9, hi + 0.1 * (hi - lo) + 1e-9)
+        ax.set_xticklabels(order, rotation=20, fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def tangent_clouds(embeddings: torch.Tensor, labels: torch.Tensor, title: str = "", ax=None, max_classes: int = 12):
+    """Every class's shape, side by side at the origin: each class's unit features mapped to the
+    tangent plane at its centre (log map, as in eval.class_spectra) and drawn in the class's own
+    two principal axes, in degrees. Round clouds are isotropic; long thin ones anisotropic."""
+    z = torch.nn.functional.normalize(embeddings.detach().double().cpu(), dim=1)
+    labels = labels.cpu()
+    fig = ax.figure if ax is not None else plt.figure(figsize=(3.8, 3.6))
+    ax = ax if ax is not None else fig.add_subplot()
+    classes = torch.unique(labels)[:max_classes]
+    colors = _class_colors(len(classes))
+    for k, c in enumerate(classes):
+        zc = z[labels == c]
+        if len(zc) < 3:
+            continue
+        mu = torch.nn.functional.normalize(zc.mean(0), dim=0)
+        cos = (zc @ mu).clamp(-1, 1)
+        theta = torch.acos(cos)
+        v = torch.where(theta > 1e-8, theta / torch.sin(theta).clamp(min=1e-12), torch.ones_like(theta))[:, None] * (zc - cos[:, None] * mu)
+        v = v - v.mean(0)
+        _, _, vh = torch.linalg.svd(v, full_matrices=False)
+        xy = (v @ vh[:2].T).numpy() * 57.2958
+        ax.scatter(xy[:, 0], xy[:, 1], s=6, color=colors[k], alpha=0.6)
+    ax.axhline(0, color="0.7", lw=0.6)
+    ax.axvline(0, color="0.7", lw=0.6)
+    ax.set(xlabel="1st principal axis (deg)", ylabel="2nd principal axis (deg)", title=title, aspect="equal")
+    return fig
+
+
+def class_shape_summary(measures: dict[str, dict[str, np.ndarray]], title: str = "class shape, per class or sample"):
+    """Distributions per model: measures maps a model name to arrays {"isotropy", "effective rank",
+    "intra-class angle (deg)", "margin (deg)", ...}; one panel per measure, one box per model."""
+    names = list(measures)
+    keys = list(next(iter(measures.values())))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        data = [np.asarray(measures[n][key], dtype=float) for n in names]
+        parts = ax.boxplot(data, showfliers=False, patch_artist=True, widths=0.6)
+        for k, box in enumerate(parts["boxes"]):
+            box.set(facecolor=f"C{k}", alpha=0.45)
+        ax.set_xticks(range(1, len(names) + 1))
+        ax.set_xticklabels(names, rotation=20, fontsize=8)
+        ax.set_title(key)
+    fig.suptitle(title)
+    return fig
+
+
+def teacher_student_scatter(teacher: torch.Tensor, student: torch.Tensor, same: torch.Tensor, levels=(1e-2, 1e-3, 1e-4),
+                            title: str = "", ax=None, max_points: int = 6000, seed: int = 0):
+    """Teacher vs student similarity of the same pairs. Dashed lines: each model's threshold at each
+    FPR level (vertical: teacher, horizontal: student). Critical pairs, drawn dark: pairs that the
+    two models decide differently at some level (accepted by one, rejected by the other)."""
+    t, s, same = teacher.detach().cpu().double(), student.detach().cpu().double(), same.detach().cpu().bool()
+    thr = {}
+    for name, x in (("teacher", t), ("student", s)):
+        imp = torch.sort(x[~same], descending=True).values
+        thr[name] = [float(imp[min(len(imp) - 1, int(len(imp) * f))]) for f in levels if len(imp) * f >= 1]
+    n = len(thr["teacher"])
+    critical = torch.zeros_like(same)
+    for a, b in zip(thr["teacher"], thr["student"]):
+        critical |= (t >= a) != (s >= b)
+    g = torch.Generator().manual_seed(seed)
+    # keep every genuine pair up to half the budget, then impostors, favouring the critical ones
+    pick = torch.randperm(len(t), generator=g)
+    pick = torch.cat([pick[same[pick]][: max_points // 2], pick[~same[pick] & critical[pick]][: max_points // 4],
+                      pick[~same[pick] & ~critical[pick]][: max_points // 4]])
+    fig = ax.figure if ax is not None else plt.figure(figsize=(4.6, 4.4))
+    ax = ax if ax is not None else fig.add_subplot()
+    for mask, color, label in ((same, GENUINE, "genuine"), (~same, IMPOSTOR, "impostor")):
+        m = mask[pick] & ~critical[pick]
+        ax.scatter(t[pick][m], s[pick][m], s=3, alpha=0.25, color=color, label=label)
+        m = mask[pick] & critical[pick]
+        ax.scatter(t[pick][m], s[pick][m], s=6, alpha=0.9, color=color, edgecolors="k", linewidths=0.3,
+                   label=f"critical {label} ({int((mask & critical).sum()):,})")
+    for k in range(n):
+        ax.axvline(thr["teacher"][k], color="0.3", ls="--", lw=0.7)
+        ax.axhline(thr["student"][k], color="0.3", ls=":", lw=0.7)
+        ax.text(thr["teacher"][k], 1.0, f"{levels[k]:.0e}", fontsize=6, rotation=90, va="top", ha="right")
+    lo = float(min(t.min(), s.min()))
+    ax.plot([lo, 1], [lo, 1], color="0.6", lw=0.6)
+    ax.set(xlabel="teacher similarity", ylabel="student similarity", title=title)
+    ax.legend(fontsize=6, markerscale=2, loc="upper left")
+    return fig
+
+
+def threshold_paths(history: list[dict[str, float]], levels=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6), title: str = "EKD thresholds during training"):
+    """Smoothed student (solid) and teacher (dashed) thresholds per FPR level, from a trainer history
+    whose rows carry `threshold_student@<level>` and `threshold_teacher@<level>`."""
+    fig, ax = plt.subplots(figsize=(5.4, 3.4))
+    steps = np.array([h["step"] for h in history])
+    for k, f in enumerate(levels):
+        key = f"{f:.0e}"
+        if f"threshold_student@{key}" not in history[0]:
+            continue
+        ax.plot(steps, [h[f"threshold_student@{key}"] for h in history], color=f"C{k}", label=f"FPR {key}")
+        ax.plot(steps, [h[f"threshold_teacher@{key}"] for h in history], color=f"C{k}", ls="--")
+    ax.set(xlabel="step", ylabel="threshold (cosine)", title=title)
+    ax.legend(fontsize=7, title="student solid, teacher dashed", title_fontsize=7)
+    return fig

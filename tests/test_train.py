@@ -85,8 +85,31 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
 def test_fit_cached_trains_once(tmp_path):
     model, head = small_setup()
     first = fit_cached("toy", model, head, DATA, cfg(epochs=1), cache_dir=tmp_path)
-    model2, head2 = small_setup(seed=9)
+    model2, head2 = small_setup()
     second = fit_cached("toy", model2, head2, DATA, cfg(epochs=1), cache_dir=tmp_path)
     assert len(list(tmp_path.glob("toy-*.pt"))) == 1
     torch.testing.assert_close(first.head.weight, second.head.weight, rtol=0, atol=0)
     assert second.history == first.history
+    # other starting weights (a different seed, or fine-tuning from another model) train anew
+    model3, head3 = small_setup(seed=9)
+    fit_cached("toy", model3, head3, DATA, cfg(epochs=1), cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("toy-*.pt"))) == 2
+
+
+def test_extra_terms_see_the_augmented_images_and_mixed_batches_hold_p_x_k():
+    seen = []
+
+    def spy(embeddings, labels, meta):
+        seen.append((meta["images"].shape, labels.clone(), meta["label"].clone()))
+        return embeddings.sum() * 0
+
+    model, head = small_setup()
+    trainer = Trainer(model, head, DATA, cfg(epochs=1, batch_size=16, sampler="mixed", images_per_identity=4), extra={"spy": spy})
+    trainer.fit()
+    assert seen and all(shape == (16, 3, 32, 32) for shape, _, _ in seen)
+    for _, labels, meta_labels in seen:
+        assert torch.equal(labels, meta_labels)
+        pk = labels[8:]  # the second half: 2 identities x 4 images
+        assert sorted(torch.unique(pk, return_counts=True)[1].tolist()) == [4, 4]
+    with pytest.raises(ValueError, match="no room"):
+        Trainer(model, head, DATA, cfg(batch_size=6, sampler="mixed", images_per_identity=4)).batches(0)

@@ -1,0 +1,18 @@
+"""Auxiliary losses that compose with a margin head instead of forking it.
+
+Each is an `nn.Module` called by the trainer as `term(embeddings, labels, meta) -> scalar` and
+added to the head's loss (`Trainer(model, head, data, cfg, extra={"ddl": DDL()})`):
+
+    DDL         distribution distillation from easy to hard samples (Huang et al., ECCV 2020)
+                (with soft_histogram, kl and easy_hard_gap, its measures)
+    IntraLoss   a non-vanishing pull to the class proxy, weighted by the classes' anisotropy
+                (reconstructed from the abstract of Jiang et al., arXiv 2107.03352)
+    CentrePull  the plain centre-loss-style pull IntraLoss is compared with
+    EKD         evaluation-oriented distillation of the pair ranks that decide TPR/FPR (Huang et al., CVPR 2022)
+    FeatureDistill, SimilarityPreserving   the distillation baselines EKD is compared with
+"""
+from .ddl import DDL, easy_hard_gap, kl, soft_histogram
+from .ekd import EKD, FeatureDistill, SimilarityPreserving
+from .intra import CentrePull, IntraLoss
+
+__all__ = ["DDL", "EKD", "CentrePull", "FeatureDistill", "IntraLoss", "SimilarityPreserving", "easy_hard_gap", "kl", "soft_histogram"]
