@@ -409,8 +409,8 @@ def threshold_paths(history: list[dict[str, float]], levels=(1e-1, 1e-2, 1e-3, 1
     steps = np.array([h["step"] for h in history])
     for k, f in enumerate(levels):
         key = f"{f:.0e}"
-        if f"threshold_student@{key}" not in history[0]:
-            continue
+        if f"threshold_student@{key}" not in history[0] or not any(h[f"threshold_student@{key}"] for h in history):
+            continue  # a level no batch resolved
         ax.plot(steps, [h[f"threshold_student@{key}"] for h in history], color=f"C{k}", label=f"FPR {key}")
         ax.plot(steps, [h[f"threshold_teacher@{key}"] for h in history], color=f"C{k}", ls="--")
     ax.set(xlabel="step", ylabel="threshold (cosine)", title=title)

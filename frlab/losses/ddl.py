@@ -82,8 +82,12 @@ def easy_hard_gap(scores: torch.Tensor, same: torch.Tensor, easy: torch.Tensor, 
     return out
 
 
-
 class DDL(nn.Module):
+    """Distribution distillation from easy (teacher) to hard (student) samples of one network; see
+    the module docstring for the formula, the pair rules and where frlab differs from the released
+    code. `ddl(emb, labels, meta)` takes easy/hard from metadata with the `easy` and `hard` rules,
+    `ddl.loss(emb, labels, easy, hard)` from boolean masks."""
+
     def __init__(
         self,
         pos_weight: float = 0.1,

@@ -94,6 +94,9 @@ class SimilarityPreserving(_Distill):
 
 
 class EKD(_Distill):
+    """Evaluation-oriented distillation: the student's soft rank codes at the FPR thresholds match
+    the teacher's on genuine pairs and on its own hardest impostors (see the module docstring)."""
+
     def __init__(self, teacher: nn.Module, pos_weight: float = 0.02, neg_weight: float = 0.01, levels: tuple[float, ...] = FPR_LEVELS,
                  temperature: float = 0.01, momentum: float = 0.01, top_k: int = 2000, clamp_levels: bool = False,
                  bias_correction: bool = False):
