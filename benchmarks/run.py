@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/run.py            # everything (about 10 minutes on 2 CPU cores)
     .venv/bin/python benchmarks/run.py --quick    # smaller sizes, for a quick look
     .venv/bin/python benchmarks/run.py --only heads,render
+    python benchmarks/run.py --only cuda          # the heads on a CUDA device, fp32 and bf16 autocast
 
 Every row is a time next to the baseline it should be compared with, measured in the same run:
 margin heads against the bare classifier (linear + cross-entropy on the same shapes), ROC metrics
@@ -88,16 +89,17 @@ def naive_arcface(x, w, labels, s=64.0, m=0.5):
     return F.cross_entropy(s * (onehot * target + (1 - onehot) * cos), labels)
 
 
-def make_step(kind: str, C: int, B: int, D: int):
-    """A closure running one forward + backward of `kind` on fixed random inputs."""
+def make_step(kind: str, C: int, B: int, D: int, device: str = "cpu", bf16: bool = False):
+    """A closure running one forward + backward of `kind` on fixed random inputs (optionally under
+    bf16 autocast)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, D, generator=g, requires_grad=True)
-    labels = torch.randint(0, C, (B,), generator=g)
+    x = torch.randn(B, D, generator=g).to(device).requires_grad_(True)
+    labels = torch.randint(0, C, (B,), generator=g).to(device)
     if kind == "floor":
-        w = (torch.randn(C, D, generator=g) * D**-0.5).requires_grad_(True)
+        w = (torch.randn(C, D, generator=g) * D**-0.5).to(device).requires_grad_(True)
         loss_fn = lambda: F.cross_entropy(F.linear(x, w), labels)  # noqa: E731
     elif kind == "naive_arcface":
-        w = (torch.randn(C, D, generator=g) * D**-0.5).requires_grad_(True)
+        w = (torch.randn(C, D, generator=g) * D**-0.5).to(device).requires_grad_(True)
         loss_fn = lambda: naive_arcface(x, w, labels)  # noqa: E731
     elif kind == "pml_arcface":
         from pytorch_metric_learning.losses import ArcFaceLoss
@@ -105,14 +107,47 @@ def make_step(kind: str, C: int, B: int, D: int):
         pml = ArcFaceLoss(num_classes=C, embedding_size=D)
         loss_fn = lambda: pml(x, labels)  # noqa: E731
     else:
-        head = heads.make_head(kind, D, C)
+        head = heads.make_head(kind, D, C).to(device)
         loss_fn = lambda: head(x, labels)  # noqa: E731
 
     def step():
-        loss_fn().backward()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn()
+        loss.backward()
         x.grad = None
 
     return step
+
+
+def bench_heads_cuda(sizes, B=512, D=512):
+    """The head suite on CUDA, fp32 and bf16 autocast: CUDA-synchronized times, and peak memory as
+    torch.cuda.max_memory_allocated growth during one forward + backward."""
+    if not torch.cuda.is_available():
+        return [{"what": "heads on CUDA", "note": "skipped: no CUDA device"}]
+    rows = []
+    for bf16 in (False, True):
+        for C in sizes:
+            t, mem = {}, {}
+            for k in ["floor", *HEADS, "naive_arcface"]:
+                step = make_step(k, C, B, D, "cuda", bf16)
+
+                def synced(step=step):
+                    step()
+                    torch.cuda.synchronize()
+
+                t[k] = timeit(synced, reps=20, warmup=3)
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                mem[k] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                del step
+            for k in t:
+                rows.append({"what": f"cuda {'bf16' if bf16 else 'fp32'} " + (f"head {k}" if k != "floor" else "floor"),
+                             "size": f"B={B} D={D} C={C:,}", "seconds": t[k], "baseline": "floor", "ratio": t[k] / t["floor"],
+                             "peak_mib": mem[k], "mem_ratio": mem[k] / mem["floor"] if mem["floor"] else None})
+    return rows
 
 
 def bench_heads(sizes, B=512, D=512):
@@ -278,7 +313,7 @@ def machine() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
-    ap.add_argument("--only", default="", help="comma-separated: heads, verification, identification, trainer, render, notebooks")
+    ap.add_argument("--only", default="", help="comma-separated: heads, cuda, verification, identification, trainer, render, notebooks")
     ap.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._memory:
@@ -287,6 +322,7 @@ def main() -> int:
         return 0
     suites = {
         "heads": lambda: bench_heads([10_000] if args.quick else [10_000, 50_000, 100_000]),
+        "cuda": lambda: bench_heads_cuda([10_000] if args.quick else [10_000, 100_000, 1_000_000]),
         "verification": lambda: bench_verification(1_000_000 if args.quick else 10_000_000),
         "identification": lambda: bench_identification(100_000 if args.quick else 1_000_000),
         "trainer": bench_trainer,
