@@ -118,12 +118,22 @@ def identification(gallery: torch.Tensor, gallery_labels: torch.Tensor, probe: t
     return {"rank1": float(cmc[0]), "cmc": cmc.tolist()}
 
 
+def tangent_offsets(zc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One class's unit features (n, D) in the tangent plane at their normalized mean mu, by the
+    sphere's log map v_i = theta_i / sin(theta_i) * (z_i - cos(theta_i) mu); returns v (n, D) and
+    theta_i = angle(z_i, mu)."""
+    mu = F.normalize(zc.mean(0), dim=0)
+    cos = (zc @ mu).clamp(-1.0, 1.0)
+    theta = torch.acos(cos)
+    scale = torch.where(theta > 1e-8, theta / torch.sin(theta).clamp(min=1e-12), torch.ones_like(theta))
+    return scale[:, None] * (zc - cos[:, None] * mu), theta
+
+
 def class_spectra(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Intra-class spread of each class in the tangent space at its normalized centre.
 
     For class c with unit features z_i and normalized mean mu, each z_i is mapped to the tangent
-    plane at mu by the sphere's log map, v_i = theta_i / sin(theta_i) * (z_i - cos(theta_i) mu),
-    theta_i = angle(z_i, mu). Returns, per class (in order of torch.unique(labels)):
+    plane at mu by the sphere's log map (`tangent_offsets`). Returns, per class (in order of torch.unique(labels)):
       spectrum        eigenvalues of the covariance of the v_i, descending, padded with 0 (C, D)
       isotropy        smallest / largest of the first min(n - 1, D - 1) eigenvalues (1 = isotropic)
       effective_rank  exp of the entropy of the normalized eigenvalues
@@ -136,11 +146,7 @@ def class_spectra(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, t
     iso, erank, angle = (torch.zeros(len(classes), dtype=torch.float64) for _ in range(3))
     for k, c in enumerate(classes):
         zc = z[labels == c]
-        mu = F.normalize(zc.mean(0), dim=0)
-        cos = (zc @ mu).clamp(-1.0, 1.0)
-        theta = torch.acos(cos)
-        scale = torch.where(theta > 1e-8, theta / torch.sin(theta).clamp(min=1e-12), torch.ones_like(theta))
-        v = scale[:, None] * (zc - cos[:, None] * mu)
+        v, theta = tangent_offsets(zc)
         vc = v - v.mean(0)
         cov = vc.T @ vc / max(1, len(zc) - 1)
         ev = torch.linalg.eigvalsh(cov).flip(0).clamp(min=0)

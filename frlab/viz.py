@@ -6,6 +6,8 @@ import numpy as np
 import seaborn as sns
 import torch
 
+from .eval import tangent_offsets
+
 GENUINE, IMPOSTOR = "#2a9d8f", "#e76f51"
 
 
@@ -320,7 +322,7 @@ def seed_points(table, metrics: tuple[str, ...], order: list[str] | None = None,
 
 def tangent_clouds(embeddings: torch.Tensor, labels: torch.Tensor, title: str = "", ax=None, max_classes: int = 12):
     """Every class's shape, side by side at the origin: each class's unit features mapped to the
-    tangent plane at its centre (log map, as in eval.class_spectra) and drawn in the class's own
+    tangent plane at its centre (eval.tangent_offsets, as in eval.class_spectra) and drawn in the class's own
     two principal axes, in degrees. Round clouds are isotropic; long thin ones anisotropic."""
     z = torch.nn.functional.normalize(embeddings.detach().double().cpu(), dim=1)
     labels = labels.cpu()
@@ -332,10 +334,7 @@ def tangent_clouds(embeddings: torch.Tensor, labels: torch.Tensor, title: str = 
         zc = z[labels == c]
         if len(zc) < 3:
             continue
-        mu = torch.nn.functional.normalize(zc.mean(0), dim=0)
-        cos = (zc @ mu).clamp(-1, 1)
-        theta = torch.acos(cos)
-        v = torch.where(theta > 1e-8, theta / torch.sin(theta).clamp(min=1e-12), torch.ones_like(theta))[:, None] * (zc - cos[:, None] * mu)
+        v = tangent_offsets(zc)[0]
         v = v - v.mean(0)
         _, _, vh = torch.linalg.svd(v, full_matrices=False)
         xy = (v @ vh[:2].T).numpy() * 57.2958
