@@ -248,9 +248,9 @@ def bench_trainer():
     ]
 
 
-def bench_render(batch: int = 256, batches: int = 4):
+def bench_render(batch: int = 256, batches: int = 8):
     faces = SynthFaces(range(10_000), images_per_identity=50, size=64)
-    t = timeit(lambda: [faces.batch(torch.arange(k * batch, (k + 1) * batch)) for k in range(batches)], reps=3)
+    t = timeit(lambda: [faces.batch(torch.arange(k * batch, (k + 1) * batch)) for k in range(batches)], reps=5)
     n = batch * batches
     return [{"what": "SynthFaces render", "size": f"{n} images, 64 x 64, batches of {batch}", "seconds": t,
              "baseline": "-", "ratio": None, "note": f"{n / t:,.0f} images/s (target 2,000)"}]

@@ -139,3 +139,57 @@ def test_orl_faces_and_disjoint_split():
 def test_synth_train_and_test_ranges_are_disjoint():
     a, b = SynthFaces(range(0, 100)), SynthFaces(range(10_000, 10_040))
     assert set(a.meta["identity"].tolist()).isdisjoint(b.meta["identity"].tolist())
+
+
+def degrade_reference(img, resolution, blur):
+    """One image at a time: area down-sample and bilinear up-sample, then a replicate-padded
+    separable Gaussian convolution (9 taps), the way the renderer is documented to degrade."""
+    import torch.nn.functional as F
+
+    out = []
+    _, C, H, W = img.shape
+    for x, res, sigma in zip(img, resolution.tolist(), blur.tolist()):
+        x = x[None].double()
+        s = int(min(max(round(H / res), 4), H))
+        if s < H:
+            x = F.interpolate(F.interpolate(x, size=(s, s), mode="area"), size=(H, W), mode="bilinear", align_corners=False)
+        if sigma > 0.05:
+            k = torch.arange(-4, 5, dtype=torch.float64)
+            w = torch.exp(-0.5 * (k / sigma) ** 2)
+            w = (w / w.sum()).expand(C, 9)
+            x = F.pad(x, (4, 4, 4, 4), mode="replicate")
+            x = F.conv2d(F.conv2d(x, w.reshape(C, 1, 1, 9), groups=C), w.reshape(C, 1, 9, 1), groups=C)
+        out.append(x[0].float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_degrade_matches_per_image_resample_and_blur(size):
+    from frlab.data.synth import _degrade
+
+    g = torch.Generator().manual_seed(size)
+    n = 40
+    img = torch.rand(n, 3, size, size, generator=g)
+    resolution = torch.cat([torch.ones(10), 1 + 7 * torch.rand(n - 10, generator=g)])
+    blur = torch.where(torch.rand(n, generator=g) < 0.5, torch.zeros(n), 2 * torch.rand(n, generator=g))
+    blur[:5] = 0.0  # some images are neither down-sampled nor blurred: they must not change
+    expected = degrade_reference(img, resolution, blur)
+    got = _degrade(img.clone(), {"resolution": resolution, "blur": blur})
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
+    assert torch.equal(got[:5], img[:5])
+
+
+def test_noise_is_a_circular_shift_of_a_fixed_field():
+    from frlab.data.synth import _add_noise, _noise_bank
+
+    H = 32
+    identity, image = torch.arange(6), torch.arange(6) * 3
+    std = torch.tensor([0.0, 0.1, 0.05, 0.0, 0.2, 0.1])
+    base = torch.full((6, 3, H, H), 0.5)
+    got = _add_noise(base.clone(), 7, identity, image, std)
+    bank = _noise_bank(7, H, "cpu")[:, :, :H, :H]  # the untiled fields
+    u = hash_uniform(7, identity[:, None], image[:, None], torch.arange(1000, 1003))
+    k, dy, dx = (u * torch.tensor([64, H, H])).long().unbind(1)
+    for i in range(6):
+        field = torch.roll(bank[k[i]], shifts=(-int(dy[i]), -int(dx[i])), dims=(1, 2))
+        torch.testing.assert_close(got[i], (0.5 + std[i] * field).clamp(0, 1))

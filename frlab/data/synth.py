@@ -215,17 +215,18 @@ def difficulty(meta: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the renderer
-def _ellipse(x, y, cx, cy, rx, ry, sharp):
-    """Soft mask (B, H, W) of an axis-aligned ellipse; sharp is in pixels per unit."""
+def _ellipse(x, y, cx, cy, rx, ry, sharp, gain=1.0):
+    """Soft mask (B, H, W) of an axis-aligned ellipse, times gain; sharp is in pixels per unit.
+    (In-place passes over one buffer: this is the renderer's innermost loop.)"""
     rx, ry = rx.clamp(min=1e-3), ry.clamp(min=1e-3)
-    d = torch.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + 1e-12)
+    d = (x - cx).div_(rx).square_().add_((y - cy).div_(ry).square_()).sqrt_()  # 1 on the outline
     r = torch.minimum(rx, ry) * sharp  # the smaller radius in pixels
-    return torch.sigmoid((1.0 - d) * r) * r.clamp(max=1.0)  # features under a pixel fade out
+    return d.mul_(-r).add_(r).sigmoid_().mul_(r.clamp(max=1.0) * gain)  # features under a pixel fade out
 
 
 def _over(img, colour, alpha):
-    """Paint colour (B, 3, 1, 1) or (B, 3, H, W) over img with alpha (B, H, W)."""
-    return torch.lerp(img, colour.expand_as(img), alpha.unsqueeze(1))
+    """Paint colour (B, 3, 1, 1) or (B, 3, H, W) over img with alpha (B, H, W), in place."""
+    return img.lerp_(colour.expand_as(img), alpha.unsqueeze(1))
 
 
 def render(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], size: int = 64) -> torch.Tensor:
@@ -252,7 +253,7 @@ def render(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], siz
     # head outline: an ellipse whose lower half narrows towards the jaw
     jaw = 1 - f["jaw"] * (-y / b).clamp(min=0) ** 2
     head = _ellipse(x, y, 0, 0, aw * jaw, b, sharp)
-    hair_back = _ellipse(x, y - 0.1, 0, 0.05, aw + f["hair_volume"], b + f["hair_volume"], sharp) * (y > -0.1 * b)
+    hair_back = _ellipse(x, y - 0.1, 0, 0.05, aw + f["hair_volume"], b + f["hair_volume"], sharp).mul_(y > -0.1 * b)
 
     # Lambertian shading on the head ellipsoid (camera-aligned), light from the side
     u = (1 - (x / (aw * jaw)) ** 2 - (y / b) ** 2).clamp(min=0)
@@ -281,7 +282,7 @@ def render(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], siz
     img = bg + 0.08 * gy.view(1, 1, size, size)
     hair = f["hair"].view(B, 3, 1, 1)
     img = _over(img, hair, hair_back)
-    face = f["skin"].view(B, 3, 1, 1) * torch.ones(1, 1, size, size, device=dev)
+    face = f["skin"].view(B, 3, 1, 1).expand(B, 3, size, size).contiguous()
 
     # hair on the head: above a hairline that turns with the head
     hx, hy, _, _, hvis = place(torch.zeros_like(a), f["hairline"] * b)
@@ -293,83 +294,111 @@ def render(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], siz
     # ears: edge-on from the front, full in profile, hidden on the far side
     for side in (-1.0, 1.0):
         ex_, ey_, _, _, evis = place(side * 0.97 * a, f["eye_y"] - 0.1)
-        ear = _ellipse(x, y, ex_, ey_, 0.5 * f["ear"] * (0.35 + 0.65 * torch.sin(yaw).abs()), f["ear"], sharp)
-        face = _over(face, 0.85 * f["skin"].view(B, 3, 1, 1), evis * ear)
+        ear = _ellipse(x, y, ex_, ey_, 0.5 * f["ear"] * (0.35 + 0.65 * torch.sin(yaw).abs()), f["ear"], sharp, evis)
+        face = _over(face, 0.85 * f["skin"].view(B, 3, 1, 1), ear)
 
     expr = n["expression"]
     for side in (-1.0, 1.0):
         ex, ey = side * f["eye_x"], f["eye_y"]
         px, py, sx, sy, vis = place(ex, ey)
         ew, eh = f["eye_w"] * sx, f["eye_h"] * sy * (1 + 0.25 * expr.clamp(max=0))
-        face = _over(face, torch.tensor([0.95, 0.95, 0.92], device=dev).view(1, 3, 1, 1), vis * _ellipse(x, y, px, py, ew, eh, sharp))
+        face = _over(face, torch.tensor([0.95, 0.95, 0.92], device=dev).view(1, 3, 1, 1), _ellipse(x, y, px, py, ew, eh, sharp, vis))
         ir = f["iris"] * eh
-        face = _over(face, f["eye"].view(B, 3, 1, 1), vis * _ellipse(x, y, px, py, ir * sx.clamp(min=0.5), ir, sharp))
-        face = _over(face, torch.zeros(1, 3, 1, 1, device=dev), vis * _ellipse(x, y, px, py, 0.4 * ir, 0.4 * ir, sharp))
+        face = _over(face, f["eye"].view(B, 3, 1, 1), _ellipse(x, y, px, py, ir * sx.clamp(min=0.5), ir, sharp, vis))
+        face = _over(face, torch.zeros(1, 3, 1, 1, device=dev), _ellipse(x, y, px, py, 0.4 * ir, 0.4 * ir, sharp, vis))
         # brow: a thin tilted bar above the eye, raised by a positive expression
         bx, by, bsx, bsy, bvis = place(ex, ey + f["eye_h"] + f["brow_gap"] + 0.03 * expr)
         tilt = side * f["brow_tilt"] * 0.15
-        brow = _ellipse(x, y - tilt * (x - bx) / (f["eye_w"] + 1e-3), bx, by, 1.3 * f["eye_w"] * bsx, f["brow_thick"] * bsy, sharp)
-        face = _over(face, 0.7 * hair, bvis * brow)
+        brow = _ellipse(x, y - tilt * (x - bx) / (f["eye_w"] + 1e-3), bx, by, 1.3 * f["eye_w"] * bsx, f["brow_thick"] * bsy, sharp, bvis)
+        face = _over(face, 0.7 * hair, brow)
 
     # nose: a protruding ridge (it moves more than flat features when the head turns) with a shadow
     nx_, ny_, nsx, nsy, nvis = place(torch.zeros_like(a), f["nose_y"], depth=f["nose_len"])
     side_shadow = 0.35 * torch.sigmoid(4 * torch.sin(yaw)) + 0.1
-    nose = _ellipse(x, y, nx_ + 0.25 * f["nose_w"] * torch.sin(yaw), ny_, f["nose_w"] * nsx, 1.4 * f["nose_w"], sharp)
-    face = _over(face, f["skin"].view(B, 3, 1, 1) * (1 - side_shadow.unsqueeze(1)), 0.8 * nvis * nose)
+    nose = _ellipse(x, y, nx_ + 0.25 * f["nose_w"] * torch.sin(yaw), ny_, f["nose_w"] * nsx, 1.4 * f["nose_w"], sharp, 0.8 * nvis)
+    face = _over(face, f["skin"].view(B, 3, 1, 1) * (1 - side_shadow.unsqueeze(1)), nose)
     for side in (-1.0, 1.0):
         qx, qy, _, _, qvis = place(side * 0.45 * f["nose_w"], f["nose_y"] - 0.6 * f["nose_w"], depth=0.5 * f["nose_len"])
-        face = _over(face, 0.35 * f["skin"].view(B, 3, 1, 1), qvis * _ellipse(x, y, qx, qy, 0.25 * f["nose_w"], 0.15 * f["nose_w"], sharp))
+        face = _over(face, 0.35 * f["skin"].view(B, 3, 1, 1), _ellipse(x, y, qx, qy, 0.25 * f["nose_w"], 0.15 * f["nose_w"], sharp, qvis))
 
     # mouth: a smile bends it, an open mouth shows a dark gap
     mx, my, msx, msy, mvis = place(torch.zeros_like(a), f["mouth_y"])
     curve = 0.8 * expr * ((x - mx) / (f["mouth_w"] + 1e-3)) ** 2 * f["mouth_w"] * 0.5
     lip_h = f["lip"] * msy * (1 + 0.8 * expr.clamp(min=0))
-    mouth = _ellipse(x, y - curve, mx, my, f["mouth_w"] * msx, lip_h, sharp)
-    face = _over(face, f["lips"].view(B, 3, 1, 1), mvis * mouth)
-    gap = _ellipse(x, y - curve, mx, my, 0.8 * f["mouth_w"] * msx, 0.35 * lip_h * expr.clamp(min=0), sharp)
-    face = _over(face, torch.full((1, 3, 1, 1), 0.1, device=dev), mvis * gap)
+    mouth = _ellipse(x, y - curve, mx, my, f["mouth_w"] * msx, lip_h, sharp, mvis)
+    face = _over(face, f["lips"].view(B, 3, 1, 1), mouth)
+    gap = _ellipse(x, y - curve, mx, my, 0.8 * f["mouth_w"] * msx, 0.35 * lip_h * expr.clamp(min=0), sharp, mvis)
+    face = _over(face, torch.full((1, 3, 1, 1), 0.1, device=dev), gap)
 
-    # occlusions
+    # occlusions, drawn only on the images that have them (most do not)
     g = n["glasses"]
-    for side in (-1.0, 1.0):
-        px, py, sx, sy, vis = place(side * f["eye_x"], f["eye_y"])
-        outer = _ellipse(x, y, px, py, 1.5 * f["eye_w"] * sx + 0.03, 2.4 * f["eye_h"] + 0.05, sharp)
-        inner = _ellipse(x, y, px, py, 1.5 * f["eye_w"] * sx - 0.02, 2.4 * f["eye_h"], sharp)
-        face = _over(face, torch.full((1, 3, 1, 1), 0.08, device=dev), g * vis * (outer - inner).clamp(0, 1))
-        face = _over(face, torch.full((1, 3, 1, 1), 0.25, device=dev), 0.45 * g * vis * inner)
-    mask_top = place(torch.zeros_like(a), f["nose_y"] - 0.02)[1]
-    mask = torch.sigmoid((mask_top - y) * sharp * 0.5) * (y > -b)
-    face = _over(face, torch.tensor([0.72, 0.82, 0.92], device=dev).view(1, 3, 1, 1), n["mask"] * mask)
+    on = (g.view(B) > 0).nonzero().squeeze(1)
+    if len(on):
+        xs, ys, sub = x[on], y[on], face[on]
+        for side in (-1.0, 1.0):
+            px, py, sx, sy, vis = (v[on] for v in place(side * f["eye_x"], f["eye_y"]))
+            ew, eh = f["eye_w"][on], f["eye_h"][on]
+            outer = _ellipse(xs, ys, px, py, 1.5 * ew * sx + 0.03, 2.4 * eh + 0.05, sharp)
+            inner = _ellipse(xs, ys, px, py, 1.5 * ew * sx - 0.02, 2.4 * eh, sharp)
+            sub = _over(sub, torch.full((1, 3, 1, 1), 0.08, device=dev), g[on] * vis * (outer - inner).clamp(0, 1))
+            sub = _over(sub, torch.full((1, 3, 1, 1), 0.25, device=dev), 0.45 * g[on] * vis * inner)
+        face[on] = sub
+    on = (n["mask"].view(B) > 0).nonzero().squeeze(1)
+    if len(on):
+        mask_top = place(torch.zeros_like(a), f["nose_y"] - 0.02)[1][on]
+        mask = torch.sigmoid((mask_top - y[on]) * sharp * 0.5) * (y[on] > -b[on])
+        face[on] = _over(face[on], torch.tensor([0.72, 0.82, 0.92], device=dev).view(1, 3, 1, 1), n["mask"][on] * mask)
 
-    img = _over(img, face * shade.unsqueeze(1), head).clamp(0, 1)
+    img = _over(img, face.mul_(shade.unsqueeze(1)), head).clamp_(0, 1)
     wb = n["white_balance"].unsqueeze(1) * torch.tensor([1.0, 0.0, -1.0], device=dev).view(1, 3, 1, 1)
-    img = (img * n["exposure"].unsqueeze(1) * (1 + wb)).clamp(0, 1)
-    img = _degrade(img, nuis)
-    return img.clamp(0, 1)
+    img = img.mul_(n["exposure"].unsqueeze(1) * (1 + wb)).clamp_(0, 1)
+    return _degrade(img, nuis).clamp_(0, 1)
 
 
 def _degrade(img: torch.Tensor, nuis: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Resolution (down then up), Gaussian blur and additive noise, each per image."""
-    B, _, H, W = img.shape
+    """In place: resolution (area down-sample to s x s, bilinear up-sample back), then a Gaussian
+    blur with replicated borders, per image. Both are separable linear maps of the rows and of the
+    columns, so each image gets one H x H matrix K = blur @ resample and becomes K @ image @ K^T:
+    two batched matrix products instead of a loop over sizes and a grouped convolution."""
+    B, C, H, W = img.shape
     small = torch.round(H / nuis["resolution"].float()).clamp(4, H).long()
-    out = img.clone()
-    for s in torch.unique(small).tolist():
-        if s >= H:
-            continue
-        idx = (small == s).nonzero().squeeze(1)
-        lo = F.interpolate(img[idx], size=(s, s), mode="area")
-        out[idx] = F.interpolate(lo, size=(H, W), mode="bilinear", align_corners=False)
     sigma = nuis["blur"].float()
-    if bool((sigma > 0.05).any()):
-        r = 4
-        k = torch.arange(-r, r + 1, device=img.device, dtype=torch.float32)
-        w = torch.exp(-0.5 * (k[None] / sigma.clamp(min=1e-3)[:, None]) ** 2)
-        w = torch.where(sigma[:, None] > 0.05, w, (k == 0).float()[None])
-        w = (w / w.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (B*3, 2r+1)
-        z = F.pad(out.reshape(1, B * 3, H, W), (r, r, r, r), mode="replicate")
-        z = F.conv2d(z, w.view(B * 3, 1, 1, -1), groups=B * 3)
-        out = F.conv2d(z, w.view(B * 3, 1, -1, 1), groups=B * 3).view(B, 3, H, W)
-    return out
+    on = ((small < H) | (sigma > 0.05)).nonzero().squeeze(1)  # the others are left as they are
+    if not len(on):
+        return img
+    K = _resample_matrices(H, img.device)[small[on] - 4]  # (n, H, H), a copy
+    blurred = (sigma[on] > 0.05).nonzero().squeeze(1)
+    if len(blurred):
+        K[blurred] = _blur_matrices(sigma[on][blurred], H) @ K[blurred]
+    n = len(on)
+    rows = torch.bmm(img[on].view(n, C * H, W), K.transpose(1, 2))  # each row of each channel: x K^T
+    img[on] = torch.bmm(K.repeat_interleave(C, 0), rows.view(n * C, H, W)).view(n, C, H, W)  # K x K^T
+    return img
+
+
+_RESAMPLE: dict[tuple, torch.Tensor] = {}
+
+
+def _resample_matrices(H: int, device) -> torch.Tensor:
+    """(H - 3, H, H): entry s - 4 maps a signal of length H to its area down-sample to length s,
+    bilinearly up-sampled back to H (the last, s = H, is the identity)."""
+    key = (H, str(device))
+    if key not in _RESAMPLE:
+        eye = torch.eye(H, device=device).unsqueeze(1)  # H signals, the unit impulses
+        maps = [F.interpolate(F.interpolate(eye, size=s, mode="area"), size=H, mode="linear", align_corners=False)[:, 0].T
+                for s in range(4, H)]
+        _RESAMPLE[key] = torch.stack(maps + [torch.eye(H, device=device)])
+    return _RESAMPLE[key]
+
+
+def _blur_matrices(sigma: torch.Tensor, H: int, r: int = 4) -> torch.Tensor:
+    """(n, H, H): a (2r + 1)-tap Gaussian of width sigma, borders replicated."""
+    k = torch.arange(-r, r + 1, device=sigma.device)
+    w = torch.exp(-0.5 * (k[None] / sigma[:, None]) ** 2)
+    w = w / w.sum(1, keepdim=True)  # (n, 2r + 1)
+    cols = (torch.arange(H, device=sigma.device)[:, None] + k[None]).clamp(0, H - 1)  # (H, 2r + 1)
+    G = torch.zeros(len(sigma), H, H, device=sigma.device)
+    return G.scatter_add_(2, cols.expand(len(sigma), H, 2 * r + 1), w[:, None].expand(len(sigma), H, 2 * r + 1))
 
 
 # ---------------------------------------------------------------- the data set
@@ -474,27 +503,31 @@ _NOISE_BANK: dict[tuple, torch.Tensor] = {}
 
 
 def _noise_bank(seed: int, size: int, device) -> torch.Tensor:
-    """64 fixed noise images (zero mean, unit variance, uniform), a pure function of (seed, size)."""
+    """64 fixed noise images (zero mean, unit variance, uniform), a pure function of (seed, size),
+    tiled 2 x 2 so that any circular shift of one is a plain window: (64, 3, 2 size, 2 size)."""
     key = (seed, size, str(device))
     if key not in _NOISE_BANK:
         u = hash_uniform(seed, torch.arange(64 * 3 * size * size, device=device), -3).float()
-        _NOISE_BANK[key] = ((u - 0.5) * math.sqrt(12.0)).view(64, 3, size, size)
+        _NOISE_BANK[key] = ((u - 0.5) * math.sqrt(12.0)).view(64, 3, size, size).repeat(1, 1, 2, 2)
     return _NOISE_BANK[key]
 
 
 def _add_noise(images, seed, identity, image, std):
     """Additive noise, per image: one of 64 fixed noise fields, circularly shifted by amounts
     hashed from (identity, image). As deterministic as hashing every pixel, at a gather's cost."""
-    if not bool((std > 0).any()):
+    on = (std > 0).nonzero().squeeze(1)  # only the noisy images pay for the gather
+    if not len(on):
         return images
     B, C, H, W = images.shape
     bank = _noise_bank(seed, H, images.device)
-    u = hash_uniform(seed, identity.view(B, 1), image.view(B, 1), torch.arange(1000, 1003, device=images.device))
+    u = hash_uniform(seed, identity[on, None], image[on, None], torch.arange(1000, 1003, device=images.device))
     k, dy, dx = (u * torch.tensor([64, H, W], device=images.device)).long().unbind(1)
-    rows = (torch.arange(H, device=images.device) + dy[:, None]) % H
-    cols = (torch.arange(W, device=images.device) + dx[:, None]) % W
-    noise = bank[k[:, None, None, None], torch.arange(C, device=images.device)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
-    return (images + noise * std.float().view(B, 1, 1, 1)).clamp(0, 1)
+    _, _, H2, W2 = bank.shape
+    window = torch.arange(C, device=images.device).view(C, 1, 1) * (H2 * W2) + torch.arange(H, device=images.device).view(H, 1) * W2 + torch.arange(W, device=images.device)
+    corner = k * (C * H2 * W2) + dy * W2 + dx  # where each image's window starts in the flat bank
+    noise = bank.view(-1).take(corner.view(-1, 1, 1, 1) + window)
+    images[on] = (images[on] + noise.mul_(std[on].float().view(-1, 1, 1, 1))).clamp_(0, 1)
+    return images
 
 
 # ---------------------------------------------------------------- rendered once, kept in memory
