@@ -52,6 +52,21 @@ def timeit(fn, reps: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def timeit_interleaved(fns: dict, reps: int = 5, warmup: int = 1) -> dict:
+    """Median wall time of each fn over reps rounds, each round running every fn once in turn, so
+    that a slow spell of a shared machine falls on all of them and their ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -160,8 +175,8 @@ def bench_heads(sizes, B=512, D=512):
     except ImportError:
         rows.append({"what": "pytorch-metric-learning ArcFaceLoss", "note": "skipped: not installed"})
     for C in sizes:
-        reps = 5 if C <= 10_000 else 3
-        t = {k: timeit(make_step(k, C, B, D), reps=reps) for k in kinds}
+        reps = 7 if C <= 10_000 else 5
+        t = timeit_interleaved({k: make_step(k, C, B, D) for k in kinds}, reps=reps)
         mem = {k: peak_memory_mib(k, C, B, D) for k in kinds}
         for k in kinds:
             rows.append({
@@ -178,8 +193,8 @@ def bench_verification(n: int):
     g = torch.Generator().manual_seed(0)
     same = torch.rand(n, generator=g) < 0.01
     scores = torch.randn(n, generator=g) * 0.2 + same.float() * 0.6
-    t_sort = timeit(lambda: torch.sort(scores, descending=True), reps=3)
-    t_ver = timeit(lambda: ev.verification(scores, same), reps=3)
+    t = timeit_interleaved({"sort": lambda: torch.sort(scores, descending=True), "ver": lambda: ev.verification(scores, same)}, reps=5)
+    t_sort, t_ver = t["sort"], t["ver"]
     rows = [
         {"what": "one sort of the scores (float32)", "size": f"{n:,} scores", "seconds": t_sort, "baseline": "-", "ratio": 1.0},
         {"what": "verification: ROC, AUC, EER, TPR@FPR", "size": f"{n:,} scores", "seconds": t_ver, "baseline": "sort",

@@ -46,13 +46,14 @@ def roc(scores: torch.Tensor, same: torch.Tensor):
 
     One sort of the scores (in their own dtype) and a few linear passes; fpr and tpr are float64.
     """
-    scores, same = scores.reshape(-1), same.reshape(-1).bool()
-    n_pos = int(same.sum())
+    scores, same = scores.reshape(-1), same.reshape(-1).bool().contiguous()
+    n_pos = int(torch.count_nonzero(same))
     n_neg = len(same) - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"verification needs genuine and impostor pairs, got {n_pos} and {n_neg}")
     s, order = torch.sort(scores, descending=True)
-    tps = torch.cumsum(same[order], 0)
+    hits = same.view(torch.uint8).index_select(0, order)  # genuine flags in score order (faster than bool indexing)
+    tps = torch.cumsum(hits, 0, dtype=torch.int32 if len(s) < 2**31 else torch.int64)
     last = torch.ones_like(s, dtype=torch.bool)  # last position of each distinct score
     last[:-1] = s[1:] != s[:-1]
     idx = last.nonzero().squeeze(1)
@@ -75,13 +76,17 @@ def tpr_at_fpr(fpr: torch.Tensor, tpr: torch.Tensor, level: float) -> float:
 def verification(scores: torch.Tensor, same: torch.Tensor, levels=FPR_LEVELS) -> dict[str, float]:
     """AUC, EER, and TPR at each FPR level the number of impostor pairs supports (>= 1 false accept)."""
     fpr, tpr, _ = roc(scores, same)
-    n_neg = int((~same).sum())
-    fnr = 1 - tpr
-    k = int(torch.argmin((fnr - fpr).abs()))
+    n_pos = int(torch.count_nonzero(same))
+    n_neg = same.numel() - n_pos
+    # EER: fnr - fpr = 1 - (tpr + fpr) falls along the curve, so the point where it is closest to 0
+    # sits either side of where tpr + fpr reaches 1: a binary search, not a pass of abs and argmin
+    u = tpr + fpr
+    j = int(torch.searchsorted(u, torch.ones(1, dtype=u.dtype, device=u.device)))  # first u >= 1
+    k = j if j == 0 or (j < len(u) and u[j] - 1 < 1 - u[j - 1]) else j - 1
     out = {
         "auc": float(torch.trapezoid(tpr, fpr)),
-        "eer": float((fpr[k] + fnr[k]) / 2),
-        "pairs_genuine": int(same.sum()),
+        "eer": float((fpr[k] + 1 - tpr[k]) / 2),
+        "pairs_genuine": n_pos,
         "pairs_impostor": n_neg,
     }
     for level in levels:

@@ -11,7 +11,8 @@ C x D copy: `CosineLinear` multiplies the raw weight and scales the product's co
 1 / |W_j|, with a hand-written backward that needs no C x D temporary either. The margin touches
 just the B target logits: the target cosine is recomputed in float32 from the B target proxies
 (B x D work, exact even under bf16/fp16 autocast) and written over the target column in place.
-CurricularFace re-weights its hard negatives in place, keeping a mask and one factor per logit.
+CurricularFace re-weights its hard negatives inside a fused cross-entropy that keeps only what
+the bare classifier's cross-entropy keeps.
 """
 from __future__ import annotations
 
@@ -88,27 +89,61 @@ class CosineLinear(torch.autograd.Function):
         return grad_x, grad_w
 
 
-class _HardNegatives(torch.autograd.Function):
-    """CurricularFace's re-weighting, in place on scaled logits L = s cos:
-    L -> L * f with f = t + L / s where L > threshold (row-wise), f = 1 elsewhere.
-    Saves f and the mask; the derivative is 2 f - t on hard negatives, 1 elsewhere."""
+class _CurricularCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over CurricularFace's logits, fused so that it keeps no more than the bare
+    classifier's cross-entropy does: the B x C input and one B x C gradient.
+
+    Inputs: L = s cos (B x C, float32), the target logits T (B,), the per-row hardness thresholds
+    (B, 1) on the scale of L, the curriculum t and the scale s. The logits are
+        O_j = L_j (t + L_j / s)  where L_j > threshold (hard negatives),  O_j = L_j elsewhere,
+        O_y = T_y  (the target column),
+    and the loss is the batch mean of logsumexp(O) - T. Forward and backward walk over blocks of
+    rows (about BLOCK logits each, so that a block's temporaries stay in cache), recomputing O
+    from L; with p = softmax(O):
+        dloss/dL_j = p_j (2 L_j / s + t on hard negatives, 1 elsewhere) / B,  0 at the target,
+        dloss/dT   = (p_y - 1) / B.
+    """
+
+    BLOCK = 2**18  # logits per block of rows
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, threshold: torch.Tensor, t: torch.Tensor, s: float) -> torch.Tensor:
-        mask = logits > threshold
-        f = logits.div(s).add_(t)
-        f = torch.where(mask, f, torch.ones((), dtype=f.dtype, device=f.device), out=f)
-        logits.mul_(f)
-        ctx.mark_dirty(logits)
-        ctx.save_for_backward(mask, f, t)
-        return logits
+    def _blocks(B: int, C: int):
+        rows = max(1, _CurricularCrossEntropy.BLOCK // C)
+        return [slice(i, i + rows) for i in range(0, B, rows)]
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        mask, f, t = ctx.saved_tensors
-        d = f.mul(2).sub_(t)
-        d = torch.where(mask, d, torch.ones((), dtype=d.dtype, device=d.device), out=d)
-        return d.mul_(g), None, None, None
+    def _logits(L, T, labels, threshold, t, s):
+        """(O, hard) for a block of rows, O in a new buffer."""
+        hard = L > threshold
+        O = L.mul(1 / s).add_(t).mul_(L)
+        O = torch.where(hard, O, L, out=O)
+        return O.scatter_(1, labels[:, None], T[:, None]), hard
+
+    @staticmethod
+    def forward(ctx, L, T, labels, threshold, t, s):
+        with torch.autocast(L.device.type, enabled=False):
+            lse = torch.empty_like(T)
+            for r in _CurricularCrossEntropy._blocks(*L.shape):
+                lse[r] = torch.logsumexp(_CurricularCrossEntropy._logits(L[r], T[r], labels[r], threshold[r], t, s)[0], 1)
+        ctx.save_for_backward(L, T, labels, threshold, t, lse)
+        ctx.s = s
+        return (lse - T).mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        L, T, labels, threshold, t, lse = ctx.saved_tensors
+        s, B = ctx.s, L.shape[0]
+        gL, gT = torch.empty_like(L), torch.empty_like(T)
+        scale = g.to(L.dtype) / B
+        for r in _CurricularCrossEntropy._blocks(*L.shape):
+            y = labels[r, None]
+            p, hard = _CurricularCrossEntropy._logits(L[r], T[r], labels[r], threshold[r], t, s)
+            p = p.sub_(lse[r, None]).exp_().mul_(scale)  # softmax, times dloss/dO
+            gT[r] = p.gather(1, y).squeeze(1) - scale
+            slope = L[r].mul(2 / s).add_(t)
+            slope = torch.where(hard, slope, torch.ones((), dtype=L.dtype, device=L.device), out=slope)
+            torch.mul(p, slope, out=gL[r]).scatter_(1, y, 0.0)
+        return gL, gT, None, None, None, None
 
 
 class Head(nn.Module):
@@ -177,13 +212,18 @@ class _MarginSoftmax(Head):
         cos_y = cos.gather(1, labels[:, None]).squeeze(1)
         return self.negatives(cos, cos_y).scatter(1, labels[:, None], self.target(cos_y)[:, None])
 
-    def scaled_logits(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """s * cos with the margin applied to the target column: the input of cross-entropy."""
+    def scaled_cosines(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s * cos (B, C) in float32, cos(theta_y) (B,)), after the per-step state update."""
         xn = F.normalize(self._input(x), dim=1)
         logits = CosineLinear.apply(xn * self.s, self.weight).float()  # s folded into the B x D side
         cos_y = self.target_cosine(xn, labels)
         if self.training:
             self.update(cos_y)
+        return logits, cos_y
+
+    def scaled_logits(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """s * cos with the margin applied to the target column: the input of cross-entropy."""
+        logits, cos_y = self.scaled_cosines(x, labels)
         logits = self.scaled_negatives(logits, cos_y)
         return logits.scatter_(1, labels[:, None], (self.s * self.target(cos_y))[:, None])
 
@@ -289,7 +329,15 @@ class CurricularFace(_MarginSoftmax):
 
     def scaled_negatives(self, logits: torch.Tensor, cos_y: torch.Tensor) -> torch.Tensor:
         threshold = (self.s * self.hardness_threshold(cos_y)).to(logits.dtype)
-        return _HardNegatives.apply(logits, threshold, self.t.to(logits.dtype), self.s)
+        return torch.where(logits > threshold, logits * (self.t.to(logits.dtype) + logits / self.s), logits)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The same loss as cross_entropy(scaled_logits(x, labels), labels), fused (see
+        `_CurricularCrossEntropy`): no B x C copies of the logits beyond what cross-entropy keeps."""
+        labels = _check(x, labels, self.weight)
+        logits, cos_y = self.scaled_cosines(x, labels)
+        threshold = (self.s * self.hardness_threshold(cos_y)).detach()
+        return _CurricularCrossEntropy.apply(logits, self.s * self.target(cos_y), labels, threshold, self.t.float(), self.s)
 
 
 class NPT(Head):

@@ -42,6 +42,22 @@ def test_tpr_at_fpr_and_auc_match_a_pairwise_count():
         assert m[f"tpr@fpr={level:.0e}"] == pytest.approx(float((pos > threshold).double().mean()))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_eer_is_where_fnr_and_fpr_meet_on_a_loop_roc(seed):
+    """EER against an ROC built threshold by threshold, scores rounded so that many tie."""
+    g = torch.Generator().manual_seed(seed)
+    n_pos, n_neg = int(torch.randint(1, 60, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g))
+    scores = torch.cat([torch.randn(n_pos, generator=g) + 1.0, torch.randn(n_neg, generator=g)]).mul(4).round()
+    same = torch.cat([torch.ones(n_pos), torch.zeros(n_neg)]).bool()
+    points = [(0.0, 0.0)]
+    for threshold in sorted(set(scores.tolist()), reverse=True):
+        accepted = scores >= threshold
+        points.append((float((accepted & ~same).sum()) / n_neg, float((accepted & same).sum()) / n_pos))
+    best = min(range(len(points)), key=lambda i: abs((1 - points[i][1]) - points[i][0]))  # first of the closest
+    fpr, tpr = points[best]
+    assert ev.verification(scores, same)["eer"] == pytest.approx((fpr + 1 - tpr) / 2, abs=1e-12)
+
+
 def test_verification_needs_both_kinds():
     with pytest.raises(ValueError, match="genuine and impostor"):
         ev.verification(torch.rand(5), torch.ones(5, dtype=torch.bool))

@@ -68,6 +68,11 @@ def ref_npt(x, w, labels, k, r, delta):
     return torch.stack(losses).mean()
 
 
+def _with_t(head, t):
+    head.t.fill_(t)
+    return head
+
+
 CASES = {
     "softmax": (lambda D, C: heads.Softmax(D, C), lambda h, x, y: ref_softmax(x, h.weight, y)),
     "normface": (lambda D, C: heads.NormFace(D, C), lambda h, x, y: ref_margin(x, h.weight, y, 64.0, lambda c: c)),
@@ -75,6 +80,8 @@ CASES = {
     "arcface": (lambda D, C: heads.ArcFace(D, C), lambda h, x, y: ref_margin(x, h.weight, y, 64.0, lambda c: ref_arc_target(c, 0.5))),
     "arcface_s30_m02": (lambda D, C: heads.ArcFace(D, C, s=30, m=0.2), lambda h, x, y: ref_margin(x, h.weight, y, 30.0, lambda c: ref_arc_target(c, 0.2))),
     "curricular": (lambda D, C: heads.CurricularFace(D, C), lambda h, x, y: ref_curricular(x, h.weight, y, 64.0, 0.5, 0.0, 0.01)[0]),
+    "curricular_t05": (lambda D, C: _with_t(heads.CurricularFace(D, C, s=16.0, m=0.3, t_momentum=0.1), 0.5),
+                       lambda h, x, y: ref_curricular(x, h.weight, y, 16.0, 0.3, 0.5, 0.1)[0]),
     "npt": (lambda D, C: heads.NPT(D, C), lambda h, x, y: ref_npt(x, h.weight, y, 1, 1.0, 1.0)),
     "npt_k3_r2": (lambda D, C: heads.NPT(D, C, k=3, r=2.0, delta=1.5), lambda h, x, y: ref_npt(x, h.weight, y, 3, 2.0, 1.5)),
 }
@@ -114,6 +121,16 @@ def check_against_reference(name, head, x, y, rtol=1e-4, atol=1e-5):
 def test_value_and_gradient_match_reference(name):
     head, x, y = make(name)
     check_against_reference(name, head, x, y)
+
+
+def test_curricular_over_several_row_blocks():
+    """The fused cross-entropy walks over blocks of rows: 150 rows of 7 logits in blocks of 64."""
+    old, heads._CurricularCrossEntropy.BLOCK = heads._CurricularCrossEntropy.BLOCK, 64 * 7
+    try:
+        head, x, y = make("curricular_t05", B=150, C=7, seed=3)
+        check_against_reference("curricular_t05", head, x, y)
+    finally:
+        heads._CurricularCrossEntropy.BLOCK = old
 
 
 @pytest.mark.parametrize("name", list(CASES))
