@@ -104,11 +104,13 @@ class _CurricularCrossEntropy(torch.autograd.Function):
         dloss/dT   = (p_y - 1) / B.
     """
 
-    BLOCK = 2**18  # logits per block of rows
+    BLOCK = 2**18  # logits per block of rows on the CPU (1 MiB of float32: cache-sized)
+    CUDA_BLOCK = 2**25  # on CUDA, where each block costs kernel launches: 128 MiB of float32
 
     @staticmethod
-    def _blocks(B: int, C: int):
-        rows = max(1, _CurricularCrossEntropy.BLOCK // C)
+    def _blocks(L: torch.Tensor):
+        B, C = L.shape
+        rows = max(1, (_CurricularCrossEntropy.CUDA_BLOCK if L.is_cuda else _CurricularCrossEntropy.BLOCK) // C)
         return [slice(i, i + rows) for i in range(0, B, rows)]
 
     @staticmethod
@@ -123,7 +125,7 @@ class _CurricularCrossEntropy(torch.autograd.Function):
     def forward(ctx, L, T, labels, threshold, t, s):
         with torch.autocast(L.device.type, enabled=False):
             lse = torch.empty_like(T)
-            for r in _CurricularCrossEntropy._blocks(*L.shape):
+            for r in _CurricularCrossEntropy._blocks(L):
                 lse[r] = torch.logsumexp(_CurricularCrossEntropy._logits(L[r], T[r], labels[r], threshold[r], t, s)[0], 1)
         ctx.save_for_backward(L, T, labels, threshold, t, lse)
         ctx.s = s
@@ -135,7 +137,7 @@ class _CurricularCrossEntropy(torch.autograd.Function):
         s, B = ctx.s, L.shape[0]
         gL, gT = torch.empty_like(L), torch.empty_like(T)
         scale = g.to(L.dtype) / B
-        for r in _CurricularCrossEntropy._blocks(*L.shape):
+        for r in _CurricularCrossEntropy._blocks(L):
             y = labels[r, None]
             p, hard = _CurricularCrossEntropy._logits(L[r], T[r], labels[r], threshold[r], t, s)
             p = p.sub_(lse[r, None]).exp_().mul_(scale)  # softmax, times dloss/dO
