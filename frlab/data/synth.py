@@ -335,13 +335,14 @@ def render(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], siz
     on = (g.view(B) > 0).nonzero().squeeze(1)
     if len(on):
         xs, ys, sub = x[on], y[on], face[on]
+        ew, eh = f["eye_w"][on], f["eye_h"][on]
         for side in (-1.0, 1.0):
             px, py, sx, sy, vis = (v[on] for v in place(side * f["eye_x"], f["eye_y"]))
-            ew, eh = f["eye_w"][on], f["eye_h"][on]
+            vis = g[on] * vis
             outer = _ellipse(xs, ys, px, py, 1.5 * ew * sx + 0.03, 2.4 * eh + 0.05, sharp)
             inner = _ellipse(xs, ys, px, py, 1.5 * ew * sx - 0.02, 2.4 * eh, sharp)
-            sub = _over(sub, torch.full((1, 3, 1, 1), 0.08, device=dev), g[on] * vis * (outer - inner).clamp(0, 1))
-            sub = _over(sub, torch.full((1, 3, 1, 1), 0.25, device=dev), 0.45 * g[on] * vis * inner)
+            sub = _over(sub, torch.full((1, 3, 1, 1), 0.08, device=dev), vis * (outer - inner).clamp(0, 1))
+            sub = _over(sub, torch.full((1, 3, 1, 1), 0.25, device=dev), 0.45 * vis * inner)
         face[on] = sub
     on = (n["mask"].view(B) > 0).nonzero().squeeze(1)
     if len(on):
@@ -360,7 +361,7 @@ def _degrade(img: torch.Tensor, nuis: dict[str, torch.Tensor]) -> torch.Tensor:
     blur with replicated borders, per image. Both are separable linear maps of the rows and of the
     columns, so each image gets one H x H matrix K = blur @ resample and becomes K @ image @ K^T:
     two batched matrix products instead of a loop over sizes and a grouped convolution."""
-    B, C, H, W = img.shape
+    _, C, H, W = img.shape
     small = torch.round(H / nuis["resolution"].float()).clamp(4, H).long()
     sigma = nuis["blur"].float()
     on = ((small < H) | (sigma > 0.05)).nonzero().squeeze(1)  # the others are left as they are
@@ -518,7 +519,7 @@ def _add_noise(images, seed, identity, image, std):
     on = (std > 0).nonzero().squeeze(1)  # only the noisy images pay for the gather
     if not len(on):
         return images
-    B, C, H, W = images.shape
+    _, C, H, W = images.shape
     bank = _noise_bank(seed, H, images.device)
     u = hash_uniform(seed, identity[on, None], image[on, None], torch.arange(1000, 1003, device=images.device))
     k, dy, dx = (u * torch.tensor([64, H, W], device=images.device)).long().unbind(1)
