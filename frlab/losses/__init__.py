@@ -5,7 +5,7 @@ added to the head's loss (`Trainer(model, head, data, cfg, extra={"ddl": DDL()})
 
     DDL         distribution distillation from easy to hard samples (Huang et al., ECCV 2020)
                 (with soft_histogram, kl and easy_hard_gap, its measures)
-    IntraLoss   a non-vanishing pull to the class proxy, weighted by the classes' anisotropy
+    IntraLoss   a non-vanishing pull to each class's running centre along the class's own long axes
                 (reconstructed from the abstract of Jiang et al., arXiv 2107.03352)
     CentrePull  the plain centre-loss-style pull IntraLoss is compared with
     EKD         evaluation-oriented distillation of the pair ranks that decide TPR/FPR (Huang et al., CVPR 2022)

@@ -6,34 +6,46 @@ softmax losses leave each class's features spread *anisotropically*, because a s
 vanishes once it is classified with margin; a "gradient-enhancing term" that keeps acting in the
 anisotropic region makes classes compact and isotropic, which widens the margin between identities.
 
-What frlab implements, and why (a design, not the authors' equations):
+What frlab implements, and why (a design, not the authors' equations). For each sample i of class y,
+with unit feature u_i, its offset r_i = u_i - c_y from the class's running centre c_y (a unit
+vector: the class's mean direction; |r_i| = 2 sin(theta_i / 2), the chord of the sample's angle
+theta_i to it), and the class's spread S_y normalized to trace D - 1 (S'_y = (D - 1) S_y / tr S_y,
+the identity for a round class):
 
-    L = weight * mean_i  w_i * theta_i,        theta_i = angle(z_i, W_{y_i})
+    L = weight * mean_i  r_i^T S'_y r_i / (2 |r_i|),     |r_i| without gradient,
 
-* theta_i, the angle to the sample's own class proxy: its gradient with respect to the unit
-  feature is the unit tangent vector pointing away from the proxy, of size 1 at every angle, so it
-  does not vanish for correctly classified samples (cross-entropy's does, and so does the centre
-  pull's 1 - cos theta, whose gradient is sin theta -> 0 near the proxy).
-* w_i, the anisotropy weight (no gradient): how much of the sample's own class's spread lies
-  along this sample's offset direction, relative to an isotropic class:
-      w_i = (D - 1) * d_i^T S_y d_i / tr S_y,   d_i = t_i / |t_i|,   t_i = z_i - cos(theta_i) W_y
-  (unit vectors), clipped to [0, max_weight]. For a round class w = 1 everywhere; a sample
-  displaced along the long axis of an elongated class is pulled harder, one displaced across it
-  less, so the class shrinks fastest where it is long and becomes isotropic as it becomes compact.
-* S_y, each class's spread in the tangent space at its proxy, is tracked per class as "one
-  principal direction + isotropic rest" (C x D memory, the size of the classifier; a full D x D
-  covariance per class would not scale, and a batch holds too few images of a class to estimate
-  one): a running power iteration on the class's offsets gives its principal direction u and the
-  variance lambda along it, and a running mean of |t|^2 its total variance; the rest is spread
-  evenly over the other D - 2 tangent directions. Running means are exponential (`momentum`,
-  per class, bias-corrected), updated in training mode before use from detached offsets.
-* `anisotropic=False` gives the same pull with w = 1 (an ablation: the gradient enhancement
-  without the anisotropy weighting). With D <= 2 (a 1-D tangent space) w = 1.
+    dL/du_i = weight / B * S'_y r_i / |r_i|,     value = weight * mean_i w_i |r_i| / 2,
 
-An earlier frlab design pooled S over all classes (the directions that stretch face classes, pose
-and light, are partly shared); measured in notebook 05 it made classes *less* isotropic, because
-each class's own long axis is not the pooled one. Gradients flow to the embeddings and to the
-head's proxies; the buffers are saved with checkpoints.
+    w_i = r_i^T S'_y r_i / |r_i|^2   (how much of the class's spread lies along this sample's offset).
+
+* Gradient-enhancing: for a round class the pull has size 1 at every distance from the centre; it
+  does not vanish for correctly classified samples (cross-entropy's does, and so does the plain
+  pull 1 - cos theta, whose gradient is sin theta -> 0).
+* Acting where the class is anisotropic: the pull points along S'_y r_i, so each direction of the
+  class is pulled in proportion to its share of the spread: a direction holding mu times the
+  average variance shrinks mu times faster (relatively) than an average one, so long axes shrink
+  first. The pull's direction matters, not only its size: an earlier frlab design scaled a pull
+  along r_i by w_i, and every direction of the offset still shrank by the same step.
+* Toward the class's running centre, not its proxy: measured in notebook 05's setting, the centre
+  of an ArcFace class lies ~11 degrees from its proxy (its samples ~18 degrees from the centre),
+  so offsets taken from the proxy measure mostly that displacement, and their "principal
+  direction" is the direction to the centre, not the class's long axis. The term leaves the
+  proxies to the head.
+* S_y is tracked per class as "one principal direction + isotropic rest" (C x D memory, the size of
+  the classifier; a D x D covariance per class would not scale, and a batch holds too few images of
+  a class to estimate one): a running power iteration on the class's offsets gives its principal
+  direction d and the variance lambda along it, a running mean of |r|^2 its total t, and the rest
+  is spread evenly over the other D - 2 directions. S'_y = rho I + (mu - rho) d d^T with
+  mu = min((D - 1) lambda / t, max_weight), rho = (D - 1) (t - lambda) / ((D - 2) t).
+  With D <= 2, or before a class's spread is known, S' = I.
+* Running means are exponential (`momentum`, per class; lambda bias-corrected where it enters the
+  power step), updated in training mode, before use, from the batch's detached features; the
+  centre is the direction of the running mean of unit features (the mean itself lies inside the
+  ball: offsets from it would turn radial, and the pull fade, near the centre). Buffers are saved
+  with checkpoints. Offsets shorter than 1e-6 are rounding (a class's only sample is its own
+  centre) and get no pull.
+* `anisotropic=False` is the ablation: S' = I, a plain non-vanishing pull of size 1 toward the
+  running centre (the gradient enhancement without the anisotropy).
 """
 from __future__ import annotations
 
@@ -41,12 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-COS_LIMIT = 1.0 - 1e-6  # acos has an infinite slope at +-1; clamping there gives 0 gradient instead
+MIN_OFFSET = 1e-6  # shorter offsets are rounding (a lone sample is its own centre): no pull, not a unit pull in a random direction
 
 
-class _ProxyTerm(nn.Module):
-    """A term on each sample's angle to its class proxy in `head.weight`. The head is referenced,
-    not registered: its parameters belong to the head (and the optimizer sees them once)."""
+class _ClassTerm(nn.Module):
+    """An auxiliary term on each sample's class, sized by a head's (num_classes, in_features)
+    `weight` of class proxies. The head is referenced, not registered: its parameters belong to the
+    head (and the optimizer sees them once)."""
 
     def __init__(self, head: nn.Module, weight: float = 1.0):
         super().__init__()
@@ -57,33 +70,34 @@ class _ProxyTerm(nn.Module):
         object.__setattr__(self, "head", head)
         self.weight = float(weight)
 
-    def cosines(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unit features u, their unit target proxies p and cos(theta) = u . p, in float32 or float64."""
-        w = self.head.weight
-        if embeddings.dim() != 2 or embeddings.shape[1] != w.shape[1] or labels.shape != (len(embeddings),):
-            raise ValueError(f"need embeddings (B, {w.shape[1]}) and labels (B,), got {tuple(embeddings.shape)}, {tuple(labels.shape)}")
+    def unit(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The unit features, in float32 or float64, after checking the shapes and labels."""
+        C, D = self.head.weight.shape
+        if embeddings.dim() != 2 or embeddings.shape[1] != D or labels.shape != (len(embeddings),):
+            raise ValueError(f"need embeddings (B, {D}) and labels (B,), got {tuple(embeddings.shape)}, {tuple(labels.shape)}")
+        if len(labels) and not bool(torch.stack([labels.min() >= 0, labels.max() < C]).all().cpu()):  # one sync
+            raise ValueError(f"labels must lie in [0, {C}), got [{int(labels.min())}, {int(labels.max())}]")
         dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-        u = F.normalize(embeddings.to(dtype), dim=1)
-        p = F.normalize(w[labels.long()].to(dtype), dim=1)
-        return u, p, (u * p).sum(1)
+        return F.normalize(embeddings.to(dtype), dim=1)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in vars(self).items() if k in ("weight", "anisotropic", "momentum", "max_weight"))
 
 
-class CentrePull(_ProxyTerm):
+class CentrePull(_ClassTerm):
     """The plain alternative: L = weight * mean_i (1 - cos theta_i) = weight * mean_i |u_i - p_i|^2 / 2,
-    centre loss with the class proxies as centres, on the unit sphere. Its pull fades as sin theta
+    centre loss with the class proxies p as centres, on the unit sphere. Its pull fades as sin theta
     near the proxy and does not look at the shape of the class."""
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, meta: dict | None = None) -> torch.Tensor:
-        _, _, cos = self.cosines(embeddings, labels)
-        return self.weight * (1.0 - cos).mean()
+        u = self.unit(embeddings, labels)
+        p = F.normalize(self.head.weight[labels.long()].to(u.dtype), dim=1)
+        return self.weight * (1.0 - (u * p).sum(1)).mean()
 
 
-class IntraLoss(_ProxyTerm):
-    """weight * mean_i w_i theta_i: a non-vanishing pull to each sample's proxy, weighted by how
-    elongated its class is along the sample's offset (reconstructed; see the module docstring)."""
+class IntraLoss(_ClassTerm):
+    """weight * mean_i r_i^T S'_y r_i / (2 |r_i|): a non-vanishing pull toward each class's running
+    centre, along the class's own long axes (reconstructed; see the module docstring)."""
 
     def __init__(self, head: nn.Module, weight: float = 1.0, anisotropic: bool = True, momentum: float = 0.1, max_weight: float = 10.0):
         super().__init__(head, weight)
@@ -91,71 +105,79 @@ class IntraLoss(_ProxyTerm):
             raise ValueError(f"need 0 < momentum <= 1 and max_weight >= 1, got {momentum}, {max_weight}")
         self.anisotropic, self.momentum, self.max_weight = bool(anisotropic), float(momentum), float(max_weight)
         C, D = head.weight.shape
-        self.register_buffer("direction", torch.zeros(C, D))  # each class's principal direction (unit; 0 = none yet)
+        self.register_buffer("centre", torch.zeros(C, D))  # running mean of the class's unit features (its direction is the centre)
+        self.register_buffer("direction", torch.zeros(C, D))  # the class's principal direction (unit; 0 = none yet)
         self.register_buffer("principal", torch.zeros(C))  # running variance along it (not bias-corrected)
-        self.register_buffer("total", torch.zeros(C))  # running mean of |t|^2 (not bias-corrected)
+        self.register_buffer("total", torch.zeros(C))  # running mean of |r|^2 (not bias-corrected)
         self.register_buffer("seen", torch.zeros(C, dtype=torch.long))  # updates per class
 
-    @staticmethod
-    def tangent(u: torch.Tensor, p: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        """Offsets t_i = u_i - cos_i p_i, in the tangent space at each sample's proxy (|t_i| = sin theta_i)."""
-        return u - cos[:, None] * p
+    def centres(self, labels: torch.Tensor) -> torch.Tensor:
+        """The unit mean direction of each label's class (0 for classes never seen)."""
+        return F.normalize(self.centre[labels], dim=1)
 
     @torch.no_grad()
-    def update(self, t: torch.Tensor, labels: torch.Tensor, p: torch.Tensor) -> None:
-        """One step of each present class's running spread, from its offsets t (B, D) and unit proxies p."""
-        dt = self.direction.dtype
-        t, p = t.to(dt), p.to(dt)
+    def update(self, u: torch.Tensor, labels: torch.Tensor) -> None:
+        """One step of each present class's running centre and spread, from its unit features u (B, D)."""
+        dt, m = self.centre.dtype, self.momentum
+        u = u.to(dt)
         classes, inv, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        K, n = len(classes), counts.to(dt)[:, None]
-        first = torch.full((K,), len(t), device=t.device).scatter_reduce(0, inv, torch.arange(len(t), device=t.device), "amin")
-        pc = p[first]  # the proxy of each class
-        u = self.direction[classes]
-        u = u - (u * pc).sum(1, keepdim=True) * pc  # back into the tangent plane (the proxy moves)
-        fresh = u.norm(dim=1) < 1e-6
-        u = torch.where(fresh[:, None], t[first], u)  # start from one of the class's offsets
-        u = F.normalize(u, dim=1)
-        proj = (t * u[inv]).sum(1)
-        Su = torch.zeros_like(u).index_add_(0, inv, t * proj[:, None]) / n  # this batch's S u
-        m = self.momentum
-        lam_old = self.corrected(self.principal, classes)
-        u = F.normalize((1 - m) * lam_old[:, None] * u + m * Su, dim=1)  # a power-iteration step on the running S
-        u = torch.where(u.norm(dim=1, keepdim=True) > 0, u, self.direction[classes])
-        proj = (t * u[inv]).sum(1)
-        lam = torch.zeros(K, dtype=dt, device=t.device).index_add_(0, inv, proj * proj) / n[:, 0]
-        tot = torch.zeros(K, dtype=dt, device=t.device).index_add_(0, inv, (t * t).sum(1)) / n[:, 0]
-        self.direction[classes] = u
+        K, n = len(classes), counts.to(dt)
+        mean = torch.zeros(K, u.shape[1], dtype=dt, device=u.device).index_add_(0, inv, u) / n[:, None]
+        self.centre[classes] = (1 - m) * self.centre[classes] + m * mean
+        self.seen[classes] += 1
+        if not self.anisotropic:
+            return
+        r = u - self.centres(labels)
+        r = torch.where(r.norm(dim=1, keepdim=True) > MIN_OFFSET, r, torch.zeros_like(r))
+        d = self.direction[classes]
+        first = torch.full((K,), len(u), device=u.device).scatter_reduce(0, inv, torch.arange(len(u), device=u.device), "amin")
+        d = F.normalize(torch.where(d.norm(dim=1, keepdim=True) > 0, d, r[first]), dim=1)  # start from one of the class's offsets
+        proj = (r * d[inv]).sum(1)
+        Sd = torch.zeros_like(d).index_add_(0, inv, r * proj[:, None]) / n[:, None]  # this batch's S d
+        bias = 1 - (1 - m) ** (self.seen[classes] - 1).to(dt)  # of the running lambda so far (0 before any)
+        before = torch.where(bias > 0, self.principal[classes] / bias.clamp(min=1e-12), torch.zeros_like(bias))
+        step = F.normalize((1 - m) * before[:, None] * d + m * Sd, dim=1)  # a power-iteration step on the running S
+        d = torch.where(step.norm(dim=1, keepdim=True) > 0, step, d)
+        proj = (r * d[inv]).sum(1)
+        lam = torch.zeros(K, dtype=dt, device=u.device).index_add_(0, inv, proj * proj) / n
+        tot = torch.zeros(K, dtype=dt, device=u.device).index_add_(0, inv, (r * r).sum(1)) / n
+        self.direction[classes] = d
         self.principal[classes] = (1 - m) * self.principal[classes] + m * lam
         self.total[classes] = (1 - m) * self.total[classes] + m * tot
-        self.seen[classes] += 1
 
-    def corrected(self, ema: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """A running mean of the given classes divided by its bias 1 - (1 - momentum)^seen (0 where unseen)."""
-        c = 1 - (1 - self.momentum) ** self.seen[classes].to(ema.dtype)
-        return torch.where(c > 0, ema[classes] / c.clamp(min=1e-12), torch.zeros_like(c))
+    def shape(self, labels: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mu, rho (B,) and d (B, D) of S' = rho I + (mu - rho) d d^T for each label's class."""
+        D = self.centre.shape[1]
+        one = torch.ones(len(labels), dtype=dtype, device=labels.device)
+        d = self.direction[labels].to(dtype)
+        if not self.anisotropic or D <= 2:
+            return one, one, d
+        lam, tot = self.principal[labels].to(dtype), self.total[labels].to(dtype)  # the same bias in both: their ratio is exact
+        known = tot > 0
+        share = torch.where(known, lam / tot.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(tot)).clamp(0, 1)
+        mu = ((D - 1) * share).clamp(max=self.max_weight)
+        rho = (D - 1) * (1 - share) / (D - 2)
+        return torch.where(known, mu, one), torch.where(known, rho, one), d
 
-    def weights(self, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The anisotropy weight w_i of each offset t_i (B, D) of class labels_i (no gradient)."""
-        with torch.no_grad():
-            D = t.shape[1]
-            if D <= 2:
-                return torch.ones(len(t), dtype=t.dtype, device=t.device)
-            lam = self.corrected(self.principal, labels).to(t.dtype)
-            tot = self.corrected(self.total, labels).to(t.dtype)
-            norm2 = (t * t).sum(1)
-            cos2 = (t * self.direction[labels].to(t.dtype)).sum(1) ** 2 / norm2.clamp(min=torch.finfo(t.dtype).tiny)
-            rest = (tot - lam).clamp(min=0) / (D - 2)
-            w = (D - 1) * (lam * cos2 + rest * (1 - cos2)) / tot.clamp(min=torch.finfo(t.dtype).tiny)
-            known = (norm2 > 0) & (tot > 0)
-            return torch.where(known, w.clamp(0, self.max_weight), torch.ones_like(w))
+    def weights(self, r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """w_i = r_i^T S' r_i / |r_i|^2 for offsets r (B, D) of classes labels (1 where r_i = 0): the
+        pull's strength along the sample's own offset, relative to a round class."""
+        mu, rho, d = self.shape(labels.long(), r.dtype)
+        n2 = (r * r).sum(1)
+        a2 = (r * d).sum(1) ** 2
+        w = rho + (mu - rho) * a2 / n2.clamp(min=torch.finfo(r.dtype).tiny)
+        return torch.where(n2 > 0, w, torch.ones_like(w))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, meta: dict | None = None) -> torch.Tensor:
-        u, p, cos = self.cosines(embeddings, labels)
-        theta = torch.acos(cos.clamp(-COS_LIMIT, COS_LIMIT))
-        if not self.anisotropic:
-            return self.weight * theta.mean()
-        t = self.tangent(u, p, cos).detach()
+        u = self.unit(embeddings, labels)
         labels = labels.long()
         if self.training:
-            self.update(t, labels, p.detach())
-        return self.weight * (self.weights(t, labels) * theta).mean()
+            self.update(u.detach(), labels)
+        r = u - self.centres(labels).to(u.dtype)
+        norm = r.detach().norm(dim=1)
+        pulled = (self.seen[labels] > 0) & (norm > MIN_OFFSET)  # no centre yet (eval mode), or on it: no pull
+        r = torch.where(pulled[:, None], r, torch.zeros_like(r))
+        norm = torch.where(pulled, norm, torch.ones_like(norm))
+        mu, rho, d = self.shape(labels, u.dtype)
+        quad = rho * (r * r).sum(1) + (mu - rho) * (r * d).sum(1) ** 2  # r^T S' r
+        return self.weight * (quad / (2 * norm)).mean()
