@@ -22,6 +22,19 @@ def test_same_seed_same_bytes_in_any_batch():
     assert torch.equal(single[0], x[17]), "an image must not depend on the rest of its batch"
 
 
+def test_large_batches_render_in_blocks_with_the_same_images(monkeypatch):
+    from frlab.data import synth
+
+    faces = SynthFaces(range(5), images_per_identity=4, size=32, seed=1)
+    monkeypatch.setattr(synth, "CPU_BLOCK_PIXELS", 3 * 32 * 32)  # blocks of 3, 3, 3, 3, 3, 3 and 2 images
+    blocked, _, _ = faces.batch(torch.arange(20))
+    monkeypatch.setattr(synth, "CPU_BLOCK_PIXELS", 1 << 40)
+    whole, _, _ = faces.batch(torch.arange(20))
+    alone = torch.cat([faces.batch([i])[0] for i in range(20)])
+    torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(blocked, alone, atol=1e-6, rtol=0)
+
+
 def test_other_seed_other_faces():
     x, _, _ = SynthFaces(range(4), seed=0).batch(torch.arange(8))
     y, _, _ = SynthFaces(range(4), seed=1).batch(torch.arange(8))
