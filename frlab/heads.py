@@ -6,13 +6,12 @@
     head.logits(embeddings)                                  # cosines to every proxy, for inspection
 
 How the margin heads stay cheap: the only B x C work is the classifier's own (one matrix product
-of normalized embeddings and proxies, cross-entropy). The proxies are never normalized as a
-C x D copy: `CosineLinear` multiplies the raw weight and scales the product's columns by
-1 / |W_j|, with a hand-written backward that needs no C x D temporary either. The margin touches
-just the B target logits: the target cosine is recomputed in float32 from the B target proxies
-(B x D work, exact even under bf16/fp16 autocast) and written over the target column in place.
-CurricularFace re-weights its hard negatives inside a fused cross-entropy that keeps only what
-the bare classifier's cross-entropy keeps.
+of normalized embeddings and raw proxies, cross-entropy). `_CosineCrossEntropy` fuses the rest
+into the cross-entropy's pass over blocks of rows: the column scales 1 / |W_j| (the proxies are
+never normalized as a C x D copy), the margin on the target column and CurricularFace's hard
+negatives; its hand-written backward folds the proxies' normalization into dL/dW. The target
+cosine is recomputed in float32 from the B target proxies (B x D work, exact even under bf16/fp16
+autocast). `CosineLinear` (cosines without a normalized copy of W) serves NPT and inspection.
 """
 from __future__ import annotations
 
@@ -89,63 +88,84 @@ class CosineLinear(torch.autograd.Function):
         return grad_x, grad_w
 
 
-class _CurricularCrossEntropy(torch.autograd.Function):
-    """Cross-entropy over CurricularFace's logits, fused so that it keeps no more than the bare
-    classifier's cross-entropy does: the B x C input and one B x C gradient.
+class _CosineCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of a normalized softmax, fused with the proxies' normalization and the margin,
+    so that it keeps no more than the bare classifier's `linear + cross_entropy` does: the B x C
+    product and one B x C gradient.
 
-    Inputs: L = s cos (B x C, float32), the target logits T (B,), the per-row hardness thresholds
-    (B, 1) on the scale of L, the curriculum t and the scale s. The logits are
-        O_j = L_j (t + L_j / s)  where L_j > threshold (hard negatives),  O_j = L_j elsewhere,
-        O_y = T_y  (the target column),
+    Inputs: xs = s x_hat (B x D), the raw proxies W (C x D), the target logits T (B,), the labels,
+    and for CurricularFace the per-row hardness thresholds (B, 1, on the scale of L) and t. With
+    P = xs @ W.T and inv_j = 1 / |W_j|, the logits are L_j = P_j inv_j = s cos(theta_j) and
+        O_j = L_j (t + L_j / s)  on hard negatives (L_j > threshold; CurricularFace only),
+        O_j = L_j                elsewhere,           O_y = T_y at the target,
     and the loss is the batch mean of logsumexp(O) - T. Forward and backward walk over blocks of
-    rows (about BLOCK logits each, so that a block's temporaries stay in cache), recomputing O
-    from L; with p = softmax(O):
-        dloss/dL_j = p_j (2 L_j / s + t on hard negatives, 1 elsewhere) / B,  0 at the target,
-        dloss/dT   = (p_y - 1) / B.
+    rows (about BLOCK logits each, so that a block's temporaries stay in cache), recomputing O from
+    P; with p = softmax(O):
+        dloss/dT_y = (p_y - 1) / B,
+        G_j = dloss/dP_j = p_j inv_j (2 L_j / s + t on hard negatives, 1 elsewhere) / B, 0 at y,
+        dloss/dxs = G @ W,   dloss/dW_j = H_j - inv_j^2 (W_j . H_j) W_j  with H = G.T @ xs
+    (the second term is the derivative of inv_j, folded in: no normalized C x D copy of W, and no
+    B x C pass for the column scales, which happen inside the blocks). Under autocast P and G are
+    in the autocast dtype, as the bare classifier's are; everything else is float32.
     """
 
     BLOCK = 2**18  # logits per block of rows on the CPU (1 MiB of float32: cache-sized)
     CUDA_BLOCK = 2**25  # on CUDA, where each block costs kernel launches: 128 MiB of float32
 
     @staticmethod
-    def _blocks(L: torch.Tensor):
-        B, C = L.shape
-        rows = max(1, (_CurricularCrossEntropy.CUDA_BLOCK if L.is_cuda else _CurricularCrossEntropy.BLOCK) // C)
+    def _blocks(P: torch.Tensor):
+        B, C = P.shape
+        rows = max(1, (_CosineCrossEntropy.CUDA_BLOCK if P.is_cuda else _CosineCrossEntropy.BLOCK) // C)
         return [slice(i, i + rows) for i in range(0, B, rows)]
 
     @staticmethod
-    def _logits(L, T, labels, threshold, t, s):
-        """(O, hard) for a block of rows, O in a new buffer."""
+    def _logits(P, inv, T, labels, threshold, t, s):
+        """(O, L, hard) for a block of rows; O in a new float32 buffer (L and hard only with a curriculum)."""
+        L = P.float() * inv if P.dtype != torch.float32 else P * inv
+        if threshold is None:
+            return L.scatter_(1, labels[:, None], T[:, None]), None, None
         hard = L > threshold
         O = L.mul(1 / s).add_(t).mul_(L)
         O = torch.where(hard, O, L, out=O)
-        return O.scatter_(1, labels[:, None], T[:, None]), hard
+        return O.scatter_(1, labels[:, None], T[:, None]), L, hard
 
     @staticmethod
-    def forward(ctx, L, T, labels, threshold, t, s):
-        with torch.autocast(L.device.type, enabled=False):
-            lse = torch.empty_like(T)
-            for r in _CurricularCrossEntropy._blocks(L):
-                lse[r] = torch.logsumexp(_CurricularCrossEntropy._logits(L[r], T[r], labels[r], threshold[r], t, s)[0], 1)
-        ctx.save_for_backward(L, T, labels, threshold, t, lse)
+    def forward(ctx, xs, w, T, labels, threshold, t, s):
+        inv = torch.linalg.vector_norm(w.detach().float(), dim=1).clamp_(min=1e-12).reciprocal_()
+        P = xs @ w.t()  # the classifier's product (in the autocast dtype under autocast)
+        with torch.autocast(P.device.type, enabled=False):
+            lse = torch.empty(len(T), dtype=torch.float32, device=T.device)
+            for r in _CosineCrossEntropy._blocks(P):
+                th = None if threshold is None else threshold[r]
+                lse[r] = torch.logsumexp(_CosineCrossEntropy._logits(P[r], inv, T[r], labels[r], th, t, s)[0], 1)
+        ctx.save_for_backward(xs, w, inv, P, T, labels, threshold, t, lse)
         ctx.s = s
         return (lse - T).mean()
 
     @staticmethod
     def backward(ctx, g):
-        L, T, labels, threshold, t, lse = ctx.saved_tensors
-        s, B = ctx.s, L.shape[0]
-        gL, gT = torch.empty_like(L), torch.empty_like(T)
-        scale = g.to(L.dtype) / B
-        for r in _CurricularCrossEntropy._blocks(L):
+        xs, w, inv, P, T, labels, threshold, t, lse = ctx.saved_tensors
+        s, B = ctx.s, P.shape[0]
+        G, gT = torch.empty_like(P), torch.empty_like(T)
+        scale = g.float() / B
+        for r in _CosineCrossEntropy._blocks(P):
             y = labels[r, None]
-            p, hard = _CurricularCrossEntropy._logits(L[r], T[r], labels[r], threshold[r], t, s)
+            th = None if threshold is None else threshold[r]
+            p, L, hard = _CosineCrossEntropy._logits(P[r], inv, T[r], labels[r], th, t, s)
             p = p.sub_(lse[r, None]).exp_().mul_(scale)  # softmax, times dloss/dO
-            gT[r] = p.gather(1, y).squeeze(1) - scale
-            slope = L[r].mul(2 / s).add_(t)
-            slope = torch.where(hard, slope, torch.ones((), dtype=L.dtype, device=L.device), out=slope)
-            torch.mul(p, slope, out=gL[r]).scatter_(1, y, 0.0)
-        return gL, gT, None, None, None, None
+            gT[r] = (p.gather(1, y).squeeze(1) - scale).to(gT.dtype)
+            if hard is not None:
+                slope = torch.where(hard, L.mul_(2 / s).add_(t), torch.ones((), device=L.device), out=L)
+                p.mul_(slope)
+            G[r] = p.mul_(inv).scatter_(1, y, 0.0)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x = (G @ w.to(G.dtype)).to(xs.dtype) if need_x else None
+        grad_w = None
+        if need_w:
+            grad_w = (G.t() @ xs.to(G.dtype)).to(w.dtype)  # H, then dL/dW in place
+            coef = torch.einsum("cd,cd->c", w, grad_w) * (inv * inv).to(w.dtype)
+            grad_w.addcmul_(w, coef[:, None], value=-1.0)
+        return grad_x, grad_w, gT, None, None, None, None
 
 
 class Head(nn.Module):
@@ -233,9 +253,20 @@ class _MarginSoftmax(Head):
         """`negatives` on s * cos, as training computes it (identity unless a head re-weights)."""
         return logits
 
+    def curriculum(self, cos_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(hardness thresholds (B, 1) on the scale of s * cos, t) for heads that re-weight hard
+        negatives in training (CurricularFace); (None, None) for the others."""
+        return None, None
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """cross_entropy(scaled_logits(x, labels), labels), fused (see `_CosineCrossEntropy`)."""
         labels = _check(x, labels, self.weight)
-        return F.cross_entropy(self.scaled_logits(x, labels), labels)
+        xn = F.normalize(self._input(x), dim=1)
+        cos_y = self.target_cosine(xn, labels)
+        if self.training:
+            self.update(cos_y)
+        threshold, t = self.curriculum(cos_y)
+        return _CosineCrossEntropy.apply(xn * self.s, self.weight, self.s * self.target(cos_y), labels, threshold, t, self.s)
 
 
 class Softmax(Head):
@@ -333,13 +364,8 @@ class CurricularFace(_MarginSoftmax):
         threshold = (self.s * self.hardness_threshold(cos_y)).to(logits.dtype)
         return torch.where(logits > threshold, logits * (self.t.to(logits.dtype) + logits / self.s), logits)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The same loss as cross_entropy(scaled_logits(x, labels), labels), fused (see
-        `_CurricularCrossEntropy`): no B x C copies of the logits beyond what cross-entropy keeps."""
-        labels = _check(x, labels, self.weight)
-        logits, cos_y = self.scaled_cosines(x, labels)
-        threshold = (self.s * self.hardness_threshold(cos_y)).detach()
-        return _CurricularCrossEntropy.apply(logits, self.s * self.target(cos_y), labels, threshold, self.t.float(), self.s)
+    def curriculum(self, cos_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.s * self.hardness_threshold(cos_y)).detach(), self.t.float()
 
 
 class NPT(Head):
