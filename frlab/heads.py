@@ -111,6 +111,7 @@ class _CosineCrossEntropy(torch.autograd.Function):
 
     BLOCK = 2**18  # logits per block of rows on the CPU (1 MiB of float32: cache-sized)
     CUDA_BLOCK = 2**25  # on CUDA, where each block costs kernel launches: 128 MiB of float32
+    PROXY_ROWS = 2048  # rows of W per block of dL/dW's normalization term on the CPU
 
     @staticmethod
     def _blocks(P: torch.Tensor):
@@ -148,23 +149,27 @@ class _CosineCrossEntropy(torch.autograd.Function):
         s, B = ctx.s, P.shape[0]
         G, gT = torch.empty_like(P), torch.empty_like(T)
         scale = g.float() / B
+        inv_scale = inv * scale  # dloss/dO_j = p_j scale, and dL_j/dP_j = inv_j
         for r in _CosineCrossEntropy._blocks(P):
             y = labels[r, None]
             th = None if threshold is None else threshold[r]
             p, L, hard = _CosineCrossEntropy._logits(P[r], inv, T[r], labels[r], th, t, s)
-            p = p.sub_(lse[r, None]).exp_().mul_(scale)  # softmax, times dloss/dO
-            gT[r] = (p.gather(1, y).squeeze(1) - scale).to(gT.dtype)
+            p = p.sub_(lse[r, None]).exp_()  # softmax
+            gT[r] = ((p.gather(1, y).squeeze(1) - 1) * scale).to(gT.dtype)
             if hard is not None:
-                slope = torch.where(hard, L.mul_(2 / s).add_(t), torch.ones((), device=L.device), out=L)
-                p.mul_(slope)
-            G[r] = p.mul_(inv).scatter_(1, y, 0.0)
+                p.mul_(torch.where(hard, L.mul_(2 / s).add_(t), torch.ones((), device=L.device), out=L))
+            torch.mul(p, inv_scale, out=G[r]).scatter_(1, y, 0.0)  # straight into G: no block copy
         need_x, need_w = ctx.needs_input_grad[:2]
         grad_x = (G @ w.to(G.dtype)).to(xs.dtype) if need_x else None
         grad_w = None
         if need_w:
-            grad_w = (G.t() @ xs.to(G.dtype)).to(w.dtype)  # H, then dL/dW in place
-            coef = torch.einsum("cd,cd->c", w, grad_w) * (inv * inv).to(w.dtype)
-            grad_w.addcmul_(w, coef[:, None], value=-1.0)
+            grad_w = (G.t() @ xs.to(G.dtype)).to(w.dtype)  # H, then dL/dW in place, a cache-sized block of rows at a time
+            inv2 = (inv * inv).to(w.dtype)
+            rows = w.shape[0] if w.is_cuda else _CosineCrossEntropy.PROXY_ROWS
+            for j in range(0, w.shape[0], rows):
+                k = slice(j, j + rows)
+                coef = (w[k] * grad_w[k]).sum(1).mul_(inv2[k])
+                grad_w[k].addcmul_(w[k], coef[:, None], value=-1.0)
         return grad_x, grad_w, gT, None, None, None, None
 
 
@@ -197,8 +202,11 @@ class Head(nn.Module):
         return self.logits(x).argmax(1)
 
     def target_cosine(self, xn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """cos(theta_y) in float32, from the B target proxies only."""
-        return (xn.float() * F.normalize(self.weight[labels].float(), dim=1)).sum(1).clamp(-1.0, 1.0)
+        """cos(theta_y) in float32, from the B target proxies only. Their gradient is sparse (B
+        rows), added in place to the dense one of the B x C path: indexing's would be a C x D zero
+        tensor filled and summed, two passes over the classifier."""
+        wy = F.embedding(labels, self.weight, sparse=True)
+        return (xn.float() * F.normalize(wy.float(), dim=1)).sum(1).clamp(-1.0, 1.0)
 
     def extra_repr(self) -> str:
         hp = {k: v for k, v in vars(self).items() if k in ("s", "m", "k", "r", "delta", "t_momentum")}

@@ -102,6 +102,7 @@ def check_against_reference(name, head, x, y, rtol=1e-4, atol=1e-5):
     x32 = x.clone().requires_grad_(True)
     loss = head(x32, y)
     loss.backward()
+    assert head.weight.grad.layout == torch.strided  # the sparse target-row gradient lands in the dense one
     gx, gw = x32.grad.clone(), head.weight.grad.clone()
     head.weight.grad = None
 
@@ -125,8 +126,10 @@ def test_value_and_gradient_match_reference(name):
 
 @pytest.mark.parametrize("name", ["arcface", "curricular_t05"])
 def test_fused_cross_entropy_over_several_row_blocks(name, monkeypatch):
-    """The fused cross-entropy walks over blocks of rows: 150 rows of 7 logits in blocks of 64."""
+    """The fused cross-entropy walks over blocks of rows: 150 rows of 7 logits in blocks of 64, and
+    dL/dW's normalization term over blocks of 3 proxies."""
     monkeypatch.setattr(heads._CosineCrossEntropy, "BLOCK", 64 * 7)
+    monkeypatch.setattr(heads._CosineCrossEntropy, "PROXY_ROWS", 3)
     head, x, y = make(name, B=150, C=7, seed=3)
     check_against_reference(name, head, x, y)
 
