@@ -112,6 +112,7 @@ class _CosineCrossEntropy(torch.autograd.Function):
     BLOCK = 2**18  # logits per block of rows on the CPU (1 MiB of float32: cache-sized)
     CUDA_BLOCK = 2**25  # on CUDA, where each block costs kernel launches: 128 MiB of float32
     PROXY_ROWS = 2048  # rows of W per block of dL/dW's normalization term on the CPU
+    CUDA_PROXY_ROWS = 65536  # on CUDA: a 128 MiB temporary at D = 512
 
     @staticmethod
     def _blocks(P: torch.Tensor):
@@ -165,7 +166,7 @@ class _CosineCrossEntropy(torch.autograd.Function):
         if need_w:
             grad_w = (G.t() @ xs.to(G.dtype)).to(w.dtype)  # H, then dL/dW in place, a cache-sized block of rows at a time
             inv2 = (inv * inv).to(w.dtype)
-            rows = w.shape[0] if w.is_cuda else _CosineCrossEntropy.PROXY_ROWS
+            rows = _CosineCrossEntropy.CUDA_PROXY_ROWS if w.is_cuda else _CosineCrossEntropy.PROXY_ROWS
             for j in range(0, w.shape[0], rows):
                 k = slice(j, j + rows)
                 coef = (w[k] * grad_w[k]).sum(1).mul_(inv2[k])
