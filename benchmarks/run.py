@@ -255,7 +255,8 @@ def bench_trainer():
         model, head = fresh_pair()
         train.Trainer(model, head, data, cfg).fit()
 
-    t_bare, t_tr = timeit(bare, reps=3), timeit(trainer, reps=3)
+    t = timeit_interleaved({"bare": bare, "trainer": trainer}, reps=7)
+    t_bare, t_tr = t["bare"], t["trainer"]
     return [
         {"what": "bare training loop", "size": f"{steps} steps, ir8/4 at 32 px, B=32", "seconds": t_bare, "baseline": "-", "ratio": 1.0},
         {"what": "frlab Trainer (same model and batches)", "size": f"{steps} steps, ir8/4 at 32 px, B=32", "seconds": t_tr,
