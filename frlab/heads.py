@@ -42,6 +42,11 @@ def _check(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch
     return labels.long()
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a head accumulates in: float64 for float64 weights (gradcheck), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class CosineLinear(torch.autograd.Function):
     """(s x_hat) @ (W / |W|).T without a normalized copy of W.
 
@@ -61,7 +66,7 @@ class CosineLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        inv = torch.linalg.vector_norm(w.detach().float(), dim=1).clamp_(min=1e-12).reciprocal_()
+        inv = torch.linalg.vector_norm(w.detach().to(_acc(w.dtype)), dim=1).clamp_(min=1e-12).reciprocal_()
         out = xs @ w.t()
         out.mul_(inv.to(out.dtype))
         ctx.save_for_backward(xs, w, inv)
@@ -80,7 +85,7 @@ class CosineLinear(torch.autograd.Function):
             grad_w.addcmul_(w, coef[:, None], value=-1.0)
         if need_x:
             chunk = CosineLinear.CUDA_CHUNK if g.is_cuda else CosineLinear.CHUNK
-            grad_x = torch.zeros(xs.shape, dtype=torch.float32, device=xs.device)
+            grad_x = torch.zeros(xs.shape, dtype=_acc(xs.dtype), device=xs.device)
             for j in range(0, w.shape[0], chunk):
                 k = slice(j, j + chunk)
                 grad_x += g[:, k] @ (w[k] * inv[k, None].to(w.dtype)).to(dt)
@@ -106,7 +111,8 @@ class _CosineCrossEntropy(torch.autograd.Function):
         dloss/dxs = G @ W,   dloss/dW_j = H_j - inv_j^2 (W_j . H_j) W_j  with H = G.T @ xs
     (the second term is the derivative of inv_j, folded in: no normalized C x D copy of W, and no
     B x C pass for the column scales, which happen inside the blocks). Under autocast P and G are
-    in the autocast dtype, as the bare classifier's are; everything else is float32.
+    in the autocast dtype, as the bare classifier's are; everything else is float32 (float64 for
+    a float64 head).
     """
 
     BLOCK = 2**18  # logits per block of rows on the CPU (1 MiB of float32: cache-sized)
@@ -123,7 +129,7 @@ class _CosineCrossEntropy(torch.autograd.Function):
     @staticmethod
     def _logits(P, inv, T, labels, threshold, t, s):
         """(O, L, hard) for a block of rows; O in a new float32 buffer (L and hard only with a curriculum)."""
-        L = P.float() * inv if P.dtype != torch.float32 else P * inv
+        L = P.to(inv.dtype) * inv  # a new buffer, in float32 (float64 for a float64 head)
         if threshold is None:
             return L.scatter_(1, labels[:, None], T[:, None]), None, None
         hard = L > threshold
@@ -133,10 +139,11 @@ class _CosineCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xs, w, T, labels, threshold, t, s):
-        inv = torch.linalg.vector_norm(w.detach().float(), dim=1).clamp_(min=1e-12).reciprocal_()
+        acc = _acc(w.dtype)
+        inv = torch.linalg.vector_norm(w.detach().to(acc), dim=1).clamp_(min=1e-12).reciprocal_()
         P = xs @ w.t()  # the classifier's product (in the autocast dtype under autocast)
         with torch.autocast(P.device.type, enabled=False):
-            lse = torch.empty(len(T), dtype=torch.float32, device=T.device)
+            lse = torch.empty(len(T), dtype=acc, device=T.device)
             for r in _CosineCrossEntropy._blocks(P):
                 th = None if threshold is None else threshold[r]
                 lse[r] = torch.logsumexp(_CosineCrossEntropy._logits(P[r], inv, T[r], labels[r], th, t, s)[0], 1)
@@ -149,7 +156,7 @@ class _CosineCrossEntropy(torch.autograd.Function):
         xs, w, inv, P, T, labels, threshold, t, lse = ctx.saved_tensors
         s, B = ctx.s, P.shape[0]
         G, gT = torch.empty_like(P), torch.empty_like(T)
-        scale = g.float() / B
+        scale = g.to(inv.dtype) / B
         inv_scale = inv * scale  # dloss/dO_j = p_j scale, and dL_j/dP_j = inv_j
         for r in _CosineCrossEntropy._blocks(P):
             y = labels[r, None]
@@ -207,7 +214,8 @@ class Head(nn.Module):
         rows), added in place to the dense one of the B x C path: indexing's would be a C x D zero
         tensor filled and summed, two passes over the classifier."""
         wy = F.embedding(labels, self.weight, sparse=True)
-        return (xn.float() * F.normalize(wy.float(), dim=1)).sum(1).clamp(-1.0, 1.0)
+        acc = _acc(self.weight.dtype)
+        return (xn.to(acc) * F.normalize(wy.to(acc), dim=1)).sum(1).clamp(-1.0, 1.0)
 
     def extra_repr(self) -> str:
         hp = {k: v for k, v in vars(self).items() if k in ("s", "m", "k", "r", "delta", "t_momentum")}
@@ -246,7 +254,7 @@ class _MarginSoftmax(Head):
     def scaled_cosines(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(s * cos (B, C) in float32, cos(theta_y) (B,)), after the per-step state update."""
         xn = F.normalize(self._input(x), dim=1)
-        logits = CosineLinear.apply(xn * self.s, self.weight).float()  # s folded into the B x D side
+        logits = CosineLinear.apply(xn * self.s, self.weight).to(_acc(self.weight.dtype))  # s folded into the B x D side
         cos_y = self.target_cosine(xn, labels)
         if self.training:
             self.update(cos_y)
@@ -293,7 +301,7 @@ class Softmax(Head):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = _check(x, labels, self.weight)
-        return F.cross_entropy(F.linear(self._input(x), self.weight).float(), labels)
+        return F.cross_entropy(F.linear(self._input(x), self.weight).to(_acc(self.weight.dtype)), labels)
 
 
 class NormFace(_MarginSoftmax):
@@ -374,7 +382,7 @@ class CurricularFace(_MarginSoftmax):
         return torch.where(logits > threshold, logits * (self.t.to(logits.dtype) + logits / self.s), logits)
 
     def curriculum(self, cos_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.s * self.hardness_threshold(cos_y)).detach(), self.t.float()
+        return (self.s * self.hardness_threshold(cos_y)).detach(), self.t.to(cos_y.dtype)
 
 
 class NPT(Head):
@@ -404,7 +412,7 @@ class NPT(Head):
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = _check(x, labels, self.weight)
         xn = F.normalize(self._input(x), dim=1)
-        cos = CosineLinear.apply(xn, self.weight).float()
+        cos = CosineLinear.apply(xn, self.weight).to(_acc(self.weight.dtype))
         cos_y = self.target_cosine(xn, labels)
         cos = cos.scatter_(1, labels[:, None], float("-inf"))  # never a negative
         nearest = cos.topk(self.k, dim=1).values

@@ -134,6 +134,23 @@ def test_fused_cross_entropy_over_several_row_blocks(name, monkeypatch):
     check_against_reference(name, head, x, y)
 
 
+@pytest.mark.parametrize("name", ["softmax", "arcface", "curricular_t05", "npt"])
+def test_float64_heads_match_the_reference_to_float64_precision(name):
+    head, x, y = make(name)
+    head = head.double()
+    x64 = x.double().requires_grad_()
+    loss = head(x64, y)
+    loss.backward()
+    assert loss.dtype == torch.float64
+    w64 = head.weight.detach().clone().requires_grad_()
+    xr = x.double().requires_grad_()
+    ref = CASES[name][1](type("W", (), {"weight": w64})(), xr, y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x64.grad, xr.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(head.weight.grad, w64.grad, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_one_sample_per_class(name):
     head, x, _ = make(name, B=6, C=6)
