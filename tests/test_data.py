@@ -1,5 +1,6 @@
 """SynthFaces is deterministic and keeps identity across nuisances; ORL reads; splits are disjoint."""
 import hashlib
+import math
 
 import pytest
 import torch
@@ -33,6 +34,45 @@ def test_large_batches_render_in_blocks_with_the_same_images(monkeypatch):
     alone = torch.cat([faces.batch([i])[0] for i in range(20)])
     torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
     torch.testing.assert_close(blocked, alone, atol=1e-6, rtol=0)
+
+
+def soft_ellipse_reference(size, roll, cx, cy, rx, ry, gain, shear, bend):
+    """The renderer's soft ellipse, pixel by pixel in float64 on the rolled grid: one image."""
+    t = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
+    gy, gx = torch.meshgrid(-t, t, indexing="ij")  # y up
+    c, s = math.cos(roll), math.sin(roll)
+    x, y = gx * c - gy * s, gx * s + gy * c
+    yy = y - cy - shear * (x - cx) - bend * (x - cx) ** 2
+    d = torch.sqrt(((x - cx) / rx) ** 2 + (yy / ry) ** 2)  # 1 on the outline
+    r = min(rx, ry) * size / 2  # the smaller radius in pixels
+    return torch.sigmoid(r * (1 - d)) * min(r, 1.0) * gain
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_ellipses_painted_from_lines_match_the_pixelwise_formula(size):
+    """The painter gets each ellipse as row + column lines (affine in the pixel); every ellipse, the
+    sheared brows and the bent mouth included, must be the soft ellipse of the plain formula."""
+    from frlab.data import synth
+
+    g = torch.Generator().manual_seed(size)
+    B, E = 6, len(synth.ELLIPSES)
+    U = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=torch.float64)
+    roll = U(-0.5, 0.5, B, 1, 1)
+    p = {"cx": U(-0.6, 0.6, B, E, 1), "cy": U(-0.6, 0.6, B, E, 1), "rx": U(0.01, 0.5, B, E, 1), "ry": U(0.01, 0.5, B, E, 1),
+         "gain": U(0, 1, B, E, 1), "shear": U(-2, 2, B, E, 1)}
+    bend = U(-3, 3, B, 1, 1)
+    m = synth.ELLIPSES.index("mouth")
+    p["cx"][:, synth.ELLIPSES.index("gap")] = p["cx"][:, m]  # the mouth and its gap share a centre
+    t = ((torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1).view(1, 1, size)
+    cos, sin = torch.cos(roll), torch.sin(roll)
+    L = synth._frames(t, cos, sin, size / 2, *p.values(), bend)
+    L["mouth_x"] = synth._line(t, cos, sin, 1.0, 0.0, -p["cx"][:, m:m + 1]).squeeze(1)
+    for k, name in enumerate(synth.ELLIPSES):
+        got = synth._alpha(L, name)
+        for i in range(B):
+            bent = float(bend[i]) if name in ("mouth", "gap") else 0.0
+            expected = soft_ellipse_reference(size, float(roll[i]), *(float(v[i, k]) for v in p.values()), bent)
+            torch.testing.assert_close(got[i], expected, atol=1e-9, rtol=0, msg=f"{name}, image {i}")
 
 
 def test_other_seed_other_faces():
