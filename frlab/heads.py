@@ -133,7 +133,7 @@ class _CosineCrossEntropy(torch.autograd.Function):
         if threshold is None:
             return L.scatter_(1, labels[:, None], T[:, None]), None, None
         hard = L > threshold
-        O = L.mul(1 / s).add_(t).mul_(L)
+        O = torch.mul(L, t).addcmul_(L, L, value=1 / s)  # L (t + L / s) in two passes
         O = torch.where(hard, O, L, out=O)
         return O.scatter_(1, labels[:, None], T[:, None]), L, hard
 
@@ -164,8 +164,8 @@ class _CosineCrossEntropy(torch.autograd.Function):
             p, L, hard = _CosineCrossEntropy._logits(P[r], inv, T[r], labels[r], th, t, s)
             p = p.sub_(lse[r, None]).exp_()  # softmax
             gT[r] = ((p.gather(1, y).squeeze(1) - 1) * scale).to(gT.dtype)
-            if hard is not None:
-                p.mul_(torch.where(hard, L.mul_(2 / s).add_(t), torch.ones((), device=L.device), out=L))
+            if hard is not None:  # dO/dL = t + 2 L / s on hard negatives
+                p = torch.where(hard, torch.mul(p, t).addcmul_(p, L, value=2 / s), p, out=p)
             torch.mul(p, inv_scale, out=G[r]).scatter_(1, y, 0.0)  # straight into G: no block copy
         need_x, need_w = ctx.needs_input_grad[:2]
         grad_x = (G @ w.to(G.dtype)).to(xs.dtype) if need_x else None
