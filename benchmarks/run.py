@@ -52,9 +52,10 @@ def timeit(fn, reps: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def timeit_interleaved(fns: dict, reps: int = 5, warmup: int = 1) -> dict:
+def timeit_interleaved(fns: dict, reps: int = 5, warmup: int = 1, rounds: bool = False) -> dict:
     """Median wall time of each fn over reps rounds, each round running every fn once in turn, so
-    that a slow spell of a shared machine falls on all of them and their ratios stay fair."""
+    that a slow spell of a shared machine falls on all of them and their ratios stay fair (with
+    rounds=True: every round's time, in order)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -64,7 +65,7 @@ def timeit_interleaved(fns: dict, reps: int = 5, warmup: int = 1) -> dict:
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times if rounds else {k: statistics.median(v) for k, v in times.items()}
 
 
 def rss_kib(field: str) -> int:
@@ -176,14 +177,18 @@ def bench_heads(sizes, B=512, D=512):
         rows.append({"what": "pytorch-metric-learning ArcFaceLoss", "note": "skipped: not installed"})
     for C in sizes:
         reps = 7 if C <= 10_000 else 5
-        t = timeit_interleaved({k: make_step(k, C, B, D) for k in kinds}, reps=reps)
+        t = timeit_interleaved({k: make_step(k, C, B, D) for k in kinds}, reps=reps, rounds=True)
         mem = {k: peak_memory_mib(k, C, B, D) for k in kinds}
         for k in kinds:
+            # the ratio is the median of each round's ratio to the floor timed just before it,
+            # and the note gives their range: how far this machine's noise moves one ratio
+            ratios = [a / b for a, b in zip(t[k], t["floor"])]
             rows.append({
                 "what": f"head {k}" if k != "floor" else "floor: linear + cross_entropy",
-                "size": f"B={B} D={D} C={C:,}", "seconds": t[k], "baseline": "floor",
-                "ratio": t[k] / t["floor"], "peak_mib": mem[k],
+                "size": f"B={B} D={D} C={C:,}", "seconds": statistics.median(t[k]), "baseline": "floor",
+                "ratio": statistics.median(ratios), "peak_mib": mem[k],
                 "mem_ratio": (mem[k] / mem["floor"]) if mem[k] and mem["floor"] else None,
+                "note": f"rounds: {min(ratios):.2f}-{max(ratios):.2f}x" if k != "floor" else f"{len(ratios)} rounds",
             })
     return rows
 
@@ -266,10 +271,11 @@ def bench_trainer():
 
 def bench_render(batch: int = 256, batches: int = 8):
     faces = SynthFaces(range(10_000), images_per_identity=50, size=64)
-    t = timeit(lambda: [faces.batch(torch.arange(k * batch, (k + 1) * batch)) for k in range(batches)], reps=5)
-    n = batch * batches
+    ts = timeit_interleaved({"render": lambda: [faces.batch(torch.arange(k * batch, (k + 1) * batch)) for k in range(batches)]},
+                            reps=5, rounds=True)["render"]
+    n, t = batch * batches, statistics.median(ts)
     return [{"what": "SynthFaces render", "size": f"{n} images, 64 x 64, batches of {batch}", "seconds": t,
-             "baseline": "-", "ratio": None, "note": f"{n / t:,.0f} images/s (target 2,000)"}]
+             "baseline": "-", "ratio": None, "note": f"{n / t:,.0f} images/s (rounds: {n / max(ts):,.0f}-{n / min(ts):,.0f}; target 2,000)"}]
 
 
 def notebook_times():
