@@ -98,9 +98,11 @@ class _CosineCrossEntropy(torch.autograd.Function):
     so that it keeps no more than the bare classifier's `linear + cross_entropy` does: the B x C
     product and one B x C gradient.
 
-    Inputs: xs = s x_hat (B x D), the raw proxies W (C x D), the target logits T (B,), the labels,
-    and for CurricularFace the per-row hardness thresholds (B, 1, on the scale of L) and t. With
-    P = xs @ W.T and inv_j = 1 / |W_j|, the logits are L_j = P_j inv_j = s cos(theta_j) and
+    Inputs: the unit embeddings x_hat (B x D), the raw proxies W (C x D), the labels, the target
+    cosines c_y = x_hat . W_y / |W_y| (B,), the target logits T = s target(c_y) and their slopes
+    dT/dc_y (B,), and for CurricularFace the per-row hardness thresholds (B, 1, on the scale of L)
+    and t. With xs = s x_hat, P = xs @ W.T and inv_j = 1 / |W_j|, the logits are
+    L_j = P_j inv_j = s cos(theta_j) and
         O_j = L_j (t + L_j / s)  on hard negatives (L_j > threshold; CurricularFace only),
         O_j = L_j                elsewhere,           O_y = T_y at the target,
     and the loss is the batch mean of logsumexp(O) - T. Forward and backward walk over blocks of
@@ -110,9 +112,12 @@ class _CosineCrossEntropy(torch.autograd.Function):
         G_j = dloss/dP_j = p_j inv_j (2 L_j / s + t on hard negatives, 1 elsewhere) / B, 0 at y,
         dloss/dxs = G @ W,   dloss/dW_j = H_j - inv_j^2 (W_j . H_j) W_j  with H = G.T @ xs
     (the second term is the derivative of inv_j, folded in: no normalized C x D copy of W, and no
-    B x C pass for the column scales, which happen inside the blocks). Under autocast P and G are
-    in the autocast dtype, as the bare classifier's are; everything else is float32 (float64 for
-    a float64 head).
+    B x C pass for the column scales, which happen inside the blocks). The target column's own
+    gradient, g_y = dloss/dT_y dT/dc_y, is added here too: g_y W_y / |W_y| to x_hat's and
+    g_y (x_hat - c_y W_y / |W_y|) / |W_y| to row y of dL/dW, in place (handed to autograd as a
+    second, sparse gradient of W it would cost a C x D copy to sum). Under autocast P and G are in
+    the autocast dtype, as the bare classifier's are; everything else is float32 (float64 for a
+    float64 head).
     """
 
     BLOCK = 2**18  # logits per block of rows on the CPU (1 MiB of float32: cache-sized)
@@ -138,22 +143,23 @@ class _CosineCrossEntropy(torch.autograd.Function):
         return O.scatter_(1, labels[:, None], T[:, None]), L, hard
 
     @staticmethod
-    def forward(ctx, xs, w, T, labels, threshold, t, s):
+    def forward(ctx, xn, w, labels, c_y, T, dT, threshold, t, s):
         acc = _acc(w.dtype)
         inv = torch.linalg.vector_norm(w.detach().to(acc), dim=1).clamp_(min=1e-12).reciprocal_()
+        xs = xn * s
         P = xs @ w.t()  # the classifier's product (in the autocast dtype under autocast)
         with torch.autocast(P.device.type, enabled=False):
             lse = torch.empty(len(T), dtype=acc, device=T.device)
             for r in _CosineCrossEntropy._blocks(P):
                 th = None if threshold is None else threshold[r]
                 lse[r] = torch.logsumexp(_CosineCrossEntropy._logits(P[r], inv, T[r], labels[r], th, t, s)[0], 1)
-        ctx.save_for_backward(xs, w, inv, P, T, labels, threshold, t, lse)
+        ctx.save_for_backward(xn, w, inv, P, T, dT, c_y, labels, threshold, t, lse)
         ctx.s = s
         return (lse - T).mean()
 
     @staticmethod
     def backward(ctx, g):
-        xs, w, inv, P, T, labels, threshold, t, lse = ctx.saved_tensors
+        xn, w, inv, P, T, dT, c_y, labels, threshold, t, lse = ctx.saved_tensors
         s, B = ctx.s, P.shape[0]
         G, gT = torch.empty_like(P), torch.empty_like(T)
         scale = g.to(inv.dtype) / B
@@ -168,17 +174,22 @@ class _CosineCrossEntropy(torch.autograd.Function):
                 p = torch.where(hard, torch.mul(p, t).addcmul_(p, L, value=2 / s), p, out=p)
             torch.mul(p, inv_scale, out=G[r]).scatter_(1, y, 0.0)  # straight into G: no block copy
         need_x, need_w = ctx.needs_input_grad[:2]
-        grad_x = (G @ w.to(G.dtype)).to(xs.dtype) if need_x else None
-        grad_w = None
+        g_y = gT * dT  # dloss/dc_y, through the target logit
+        w_y = w[labels].to(inv.dtype) * inv[labels, None]  # the unit target proxies (B x D)
+        grad_x = grad_w = None
+        if need_x:
+            grad_x = (G @ w.to(G.dtype)).to(inv.dtype).mul_(s).addcmul_(w_y, g_y[:, None]).to(xn.dtype)
         if need_w:
-            grad_w = (G.t() @ xs.to(G.dtype)).to(w.dtype)  # H, then dL/dW in place, a cache-sized block of rows at a time
+            grad_w = (G.t() @ (xn * s).to(G.dtype)).to(w.dtype)  # H, then dL/dW in place, a cache-sized block of rows at a time
             inv2 = (inv * inv).to(w.dtype)
             rows = _CosineCrossEntropy.CUDA_PROXY_ROWS if w.is_cuda else _CosineCrossEntropy.PROXY_ROWS
             for j in range(0, w.shape[0], rows):
                 k = slice(j, j + rows)
                 coef = (w[k] * grad_w[k]).sum(1).mul_(inv2[k])
                 grad_w[k].addcmul_(w[k], coef[:, None], value=-1.0)
-        return grad_x, grad_w, gT, None, None, None, None
+            rows_y = (xn.to(inv.dtype) - c_y[:, None] * w_y).mul_((g_y * inv[labels])[:, None])
+            grad_w.index_add_(0, labels, rows_y.to(w.dtype))  # the target column's own gradient
+        return grad_x, grad_w, None, None, None, None, None, None, None
 
 
 class Head(nn.Module):
@@ -209,13 +220,14 @@ class Head(nn.Module):
         """The class each embedding is assigned to at inference: the nearest proxy."""
         return self.logits(x).argmax(1)
 
-    def target_cosine(self, xn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """cos(theta_y) in float32, from the B target proxies only. Their gradient is sparse (B
-        rows), added in place to the dense one of the B x C path: indexing's would be a C x D zero
-        tensor filled and summed, two passes over the classifier."""
+    def target_cosine(self, xn: torch.Tensor, labels: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """cos(theta_y) in float32, from the B target proxies only (clamped to [-1, 1] against
+        rounding unless clamp=False). Their gradient is sparse (B rows): indexing's would be a
+        C x D zero tensor filled and summed, two passes over the classifier."""
         wy = F.embedding(labels, self.weight, sparse=True)
         acc = _acc(self.weight.dtype)
-        return (xn.to(acc) * F.normalize(wy.to(acc), dim=1)).sum(1).clamp(-1.0, 1.0)
+        c = (xn.to(acc) * F.normalize(wy.to(acc), dim=1)).sum(1)
+        return c.clamp(-1.0, 1.0) if clamp else c
 
     def extra_repr(self) -> str:
         hp = {k: v for k, v in vars(self).items() if k in ("s", "m", "k", "r", "delta", "t_momentum")}
@@ -234,8 +246,15 @@ class _MarginSoftmax(Head):
         self.s, self.m = float(s), float(m)
 
     def target(self, cos_y: torch.Tensor) -> torch.Tensor:
-        """The target logit in cosine units, from cos(theta_y)."""
+        """The target logit in cosine units, from cos(theta_y) (elementwise)."""
         return cos_y
+
+    def target_slope(self, cos_y: torch.Tensor) -> torch.Tensor:
+        """d target / d cos(theta_y), elementwise. By autograd here; the built-in heads give it in
+        closed form (the check is a test), which spares training steps an autograd call."""
+        with torch.enable_grad():
+            c = cos_y.detach().requires_grad_()
+            return torch.autograd.grad(self.target(c), c, torch.ones_like(c))[0]
 
     def negatives(self, cos: torch.Tensor, cos_y: torch.Tensor) -> torch.Tensor:
         """The non-target logits in cosine units (CurricularFace re-weights the hard ones)."""
@@ -279,11 +298,16 @@ class _MarginSoftmax(Head):
         """cross_entropy(scaled_logits(x, labels), labels), fused (see `_CosineCrossEntropy`)."""
         labels = _check(x, labels, self.weight)
         xn = F.normalize(self._input(x), dim=1)
-        cos_y = self.target_cosine(xn, labels)
-        if self.training:
-            self.update(cos_y)
-        threshold, t = self.curriculum(cos_y)
-        return _CosineCrossEntropy.apply(xn * self.s, self.weight, self.s * self.target(cos_y), labels, threshold, t, self.s)
+        grad = torch.is_grad_enabled()
+        with torch.no_grad():  # the fused function differentiates the target column itself
+            c_y = self.target_cosine(xn, labels, clamp=False)
+            cos_y = c_y.clamp(-1.0, 1.0)  # (the clamp only guards against rounding)
+            if self.training:
+                self.update(cos_y)
+            threshold, t = self.curriculum(cos_y)
+            T = self.s * self.target(cos_y)
+            dT = self.s * self.target_slope(cos_y) if grad else torch.zeros_like(T)
+        return _CosineCrossEntropy.apply(xn, self.weight, labels, c_y, T, dT, threshold, t, self.s)
 
 
 class Softmax(Head):
@@ -310,6 +334,9 @@ class NormFace(_MarginSoftmax):
     def __init__(self, in_features: int, num_classes: int, s: float = 64.0):
         super().__init__(in_features, num_classes, s)
 
+    def target_slope(self, cos_y: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(cos_y)
+
 
 class CosFace(_MarginSoftmax):
     """CosFace / AM-Softmax (Wang et al. 2018): target logit s * (cos(theta_y) - m)."""
@@ -319,6 +346,9 @@ class CosFace(_MarginSoftmax):
 
     def target(self, cos_y: torch.Tensor) -> torch.Tensor:
         return cos_y - self.m
+
+    def target_slope(self, cos_y: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(cos_y)
 
 
 def arc_target(cos_y: torch.Tensor, m: float) -> torch.Tensor:
@@ -332,6 +362,13 @@ def arc_target(cos_y: torch.Tensor, m: float) -> torch.Tensor:
     return torch.where(cos_y > math.cos(math.pi - m), phi, cos_y - m * math.sin(m))
 
 
+def arc_slope(cos_y: torch.Tensor, m: float) -> torch.Tensor:
+    """d arc_target / d cos(theta_y): cos(m) + sin(m) cos / sin (sin clamped as there), 1 on the fallback."""
+    sin2 = 1.0 - cos_y * cos_y
+    dsin = torch.where(sin2 > 1e-12, -cos_y / torch.sqrt(sin2.clamp(min=1e-12)), torch.zeros_like(cos_y))
+    return torch.where(cos_y > math.cos(math.pi - m), math.cos(m) - math.sin(m) * dsin, torch.ones_like(cos_y))
+
+
 class ArcFace(_MarginSoftmax):
     """ArcFace (Deng et al. 2019): target logit s * cos(theta_y + m), with the usual fallback
     s * (cos(theta_y) - m sin(m)) where theta_y + m > pi (see `arc_target`)."""
@@ -341,6 +378,9 @@ class ArcFace(_MarginSoftmax):
 
     def target(self, cos_y: torch.Tensor) -> torch.Tensor:
         return arc_target(cos_y, self.m)
+
+    def target_slope(self, cos_y: torch.Tensor) -> torch.Tensor:
+        return arc_slope(cos_y, self.m)
 
 
 class CurricularFace(_MarginSoftmax):
@@ -363,6 +403,9 @@ class CurricularFace(_MarginSoftmax):
 
     def target(self, cos_y: torch.Tensor) -> torch.Tensor:
         return arc_target(cos_y, self.m)
+
+    def target_slope(self, cos_y: torch.Tensor) -> torch.Tensor:
+        return arc_slope(cos_y, self.m)
 
     def update(self, cos_y: torch.Tensor) -> None:
         with torch.no_grad():

@@ -73,6 +73,11 @@ def _with_t(head, t):
     return head
 
 
+class CubicMargin(heads._MarginSoftmax):
+    def target(self, cos_y):
+        return cos_y - 0.2 * (1 + cos_y) ** 3
+
+
 CASES = {
     "softmax": (lambda D, C: heads.Softmax(D, C), lambda h, x, y: ref_softmax(x, h.weight, y)),
     "normface": (lambda D, C: heads.NormFace(D, C), lambda h, x, y: ref_margin(x, h.weight, y, 64.0, lambda c: c)),
@@ -82,6 +87,8 @@ CASES = {
     "curricular": (lambda D, C: heads.CurricularFace(D, C), lambda h, x, y: ref_curricular(x, h.weight, y, 64.0, 0.5, 0.0, 0.01)[0]),
     "curricular_t05": (lambda D, C: _with_t(heads.CurricularFace(D, C, s=16.0, m=0.3, t_momentum=0.1), 0.5),
                        lambda h, x, y: ref_curricular(x, h.weight, y, 16.0, 0.3, 0.5, 0.1)[0]),
+    # a head that defines only `target`: its slope comes from the default, autograd
+    "custom_target": (lambda D, C: CubicMargin(D, C, s=16.0), lambda h, x, y: ref_margin(x, h.weight, y, 16.0, lambda c: c - 0.2 * (1 + c) ** 3)),
     "npt": (lambda D, C: heads.NPT(D, C), lambda h, x, y: ref_npt(x, h.weight, y, 1, 1.0, 1.0)),
     "npt_k3_r2": (lambda D, C: heads.NPT(D, C, k=3, r=2.0, delta=1.5), lambda h, x, y: ref_npt(x, h.weight, y, 3, 2.0, 1.5)),
 }
@@ -97,12 +104,23 @@ def make(name, D=8, C=6, B=10, seed=0):
     return head, x, y
 
 
+@pytest.mark.parametrize("head", [heads.NormFace(4, 3), heads.CosFace(4, 3), heads.ArcFace(4, 3), heads.ArcFace(4, 3, m=0.2),
+                                  heads.CurricularFace(4, 3, m=0.3)], ids=lambda h: repr(h).split("(")[0] + f"_m{h.m}")
+def test_closed_form_target_slopes_match_autograd(head):
+    """The built-in heads' target_slope is the derivative of their target, at cos = +-1, across
+    ArcFace's fallback boundary cos(pi - m), and everywhere between (float64)."""
+    edge = math.cos(math.pi - head.m) if head.m else -0.5
+    c = torch.cat([torch.linspace(-1, 1, 201, dtype=torch.float64), torch.tensor([edge - 1e-9, edge + 1e-9, -1 + 1e-14, 1 - 1e-14], dtype=torch.float64)])
+    expected = heads._MarginSoftmax.target_slope(head, c)  # the generic one: autograd of target
+    torch.testing.assert_close(head.target_slope(c), expected, rtol=1e-9, atol=1e-9)
+
+
 def check_against_reference(name, head, x, y, rtol=1e-4, atol=1e-5):
     ref_fn = CASES[name][1]
     x32 = x.clone().requires_grad_(True)
     loss = head(x32, y)
     loss.backward()
-    assert head.weight.grad.layout == torch.strided  # the sparse target-row gradient lands in the dense one
+    assert head.weight.grad.layout == torch.strided  # the target rows' gradient lands in the dense one
     gx, gw = x32.grad.clone(), head.weight.grad.clone()
     head.weight.grad = None
 
