@@ -324,9 +324,9 @@ def _layout(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], si
 
     # hair on the head: above a hairline that turns with the head, y > hy - 0.15 ((x - hx) / a)^2
     hx, hy, _, _, _ = place(zero, f["hairline"] * b)
-    k = torch.sqrt(0.075 * sharp / a**2)
+    curve = torch.sqrt(0.075 * sharp / a**2)
     L["hairline"] = line(0.0, 0.5 * sharp, -0.5 * sharp * hy)
-    L["hairline_curve"] = line(k, 0.0, -k * hx)  # sigmoid(sharp / 2 (y - hairline)) = sigmoid(hairline + curve^2)
+    L["hairline_curve"] = line(curve, 0.0, -curve * hx)  # sigmoid(sharp / 2 (y - hairline)) = sigmoid(hairline + curve^2)
     # turned away, the back of the head shows: hair behind a line that moves forward with |yaw|
     L["back"] = line(-torch.sign(yaw) * 0.5 * sharp, 0.0, -0.5 * sharp * aw * (1 - 1.1 * torch.sin(yaw).abs()))
     L["nape"] = line(0.0, 0.3 * sharp, 0.3 * sharp * 0.25 * b)
@@ -368,7 +368,7 @@ def _layout(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], si
     lip_h = f["lip"] * msy * (1 + 0.8 * expr.clamp(min=0))
     ellipse("mouth", mx, my, f["mouth_w"] * msx, lip_h, mvis)
     ellipse("gap", mx, my, 0.8 * f["mouth_w"] * msx, 0.35 * lip_h * expr.clamp(min=0), mvis)
-    L["mouth_x"], L["bend"] = line(1.0, 0.0, -mx), bend  # both are bent: y - bend (x - mx)^2 for their y
+    L["mouth_x"] = line(1.0, 0.0, -mx)  # both are bent: y - bend (x - mx)^2 for their y
 
     # a surgical mask (only the images that have one show it): from below the nose to the chin
     mask_top = place(zero, f["nose_y"] - 0.02)[1]
@@ -381,8 +381,10 @@ def _layout(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], si
     L["exposure"] = n["exposure"].unsqueeze(1) * (1 + wb)
     L["resolution"], L["blur"] = nuis["resolution"], nuis["blur"]  # for `_degrade`
 
-    shapes = [shapes[name] for name in ELLIPSES]
-    L.update(_frames(t, cos, sin, sharp, *(torch.cat([e[i] if torch.is_tensor(e[i]) else torch.full_like(a, e[i]) for e in shapes], 1) for i in range(6)), L["bend"]))
+    # every ellipse's parameters as (B, E, 1), in the order of ELLIPSES, framed at once
+    params = zip(*(shapes[name] for name in ELLIPSES))
+    cx, cy, rx, ry, gain, shear = (torch.cat([v if torch.is_tensor(v) else torch.full_like(a, v) for v in p], 1) for p in params)
+    L.update(_frames(t, cos, sin, sharp, cx, cy, rx, ry, gain, shear, bend))
     return L
 
 
@@ -403,6 +405,7 @@ def _frames(t, cos, sin, sharp, cx, cy, rx, ry, gain, shear, bend):
     r = torch.minimum(rx, ry) * sharp
     su, sv = r / rx, r / ry
     cx, cy, su, sv, shear, cos, sin = (v.unsqueeze(-1) for v in (cx, cy, su, sv, shear, cos, sin))  # (B, E, 1, 1)
+    # `_line`'s row and column of u (p = su, q = 0) and of v (p = -sv shear, q = sv), stacked on dim 2
     rows = torch.addcmul(torch.cat([-su * cx, sv * (shear * cx - cy)], 2), t, torch.cat([su * cos, sv * (sin - shear * cos)], 2))
     cols = t * torch.cat([su * sin, -sv * (cos + shear * sin)], 2)
     return {"rows": rows, "cols": cols, "r": r, "scale": r.clamp(max=1.0) * gain, "bend": sv.squeeze(-1) * bend}  # features under a pixel fade out
