@@ -128,18 +128,25 @@ class _CosineCrossEntropy(torch.autograd.Function):
     @staticmethod
     def _blocks(P: torch.Tensor):
         B, C = P.shape
-        rows = max(1, (_CosineCrossEntropy.CUDA_BLOCK if P.is_cuda else _CosineCrossEntropy.BLOCK) // C)
+        if P.is_cuda:
+            rows = max(1, _CosineCrossEntropy.CUDA_BLOCK // C)
+        else:  # at least a row per thread: the CPU's (log_)softmax kernels share out whole rows
+            rows = max(_CosineCrossEntropy.BLOCK // C, torch.get_num_threads())
         return [slice(i, i + rows) for i in range(0, B, rows)]
 
     @staticmethod
     def _logits(P, inv, T, labels, threshold, t, s):
-        """(O, L, hard) for a block of rows; O in a new float32 buffer (L and hard only with a curriculum)."""
-        L = P.to(inv.dtype) * inv  # a new buffer, in float32 (float64 for a float64 head)
+        """(O, L, hard) for a block of rows, O in a new buffer in float32 (float64 for a float64
+        head); with a curriculum also L and the hard negatives as a 0/1 mask in L's dtype."""
+        L = P.to(inv.dtype) * inv
         if threshold is None:
             return L.scatter_(1, labels[:, None], T[:, None]), None, None
-        hard = L > threshold
-        O = torch.mul(L, t).addcmul_(L, L, value=1 / s)  # L (t + L / s) in two passes
-        O = torch.where(hard, O, L, out=O)
+        # O = L + hard L (t - 1 + L / s), in float arithmetic only: on the CPU a boolean mask costs
+        # two float passes and torch.where eight (the curriculum's block work at C = 10k, forward
+        # and backward: 41 -> 12 ms per step)
+        hard = torch.gt(L, threshold, out=torch.empty_like(L))
+        O = torch.add(t - 1, L, alpha=1 / s).mul_(L)
+        O = torch.addcmul(L, hard, O, out=O)
         return O.scatter_(1, labels[:, None], T[:, None]), L, hard
 
     @staticmethod
@@ -149,17 +156,19 @@ class _CosineCrossEntropy(torch.autograd.Function):
         xs = xn * s
         P = xs @ w.t()  # the classifier's product (in the autocast dtype under autocast)
         with torch.autocast(P.device.type, enabled=False):
-            lse = torch.empty(len(T), dtype=acc, device=T.device)
+            nll = torch.empty(len(T), dtype=acc, device=T.device)  # -log p_y = logsumexp(O) - T
             for r in _CosineCrossEntropy._blocks(P):
                 th = None if threshold is None else threshold[r]
-                lse[r] = torch.logsumexp(_CosineCrossEntropy._logits(P[r], inv, T[r], labels[r], th, t, s)[0], 1)
-        ctx.save_for_backward(xn, w, inv, P, T, dT, c_y, labels, threshold, t, lse)
+                O = _CosineCrossEntropy._logits(P[r], inv, T[r], labels[r], th, t, s)[0]
+                # log_softmax's fused kernel is faster here than logsumexp's four passes
+                nll[r] = torch.log_softmax(O, 1).gather(1, labels[r, None]).squeeze(1).neg_()
+        ctx.save_for_backward(xn, w, inv, P, T, dT, c_y, labels, threshold, t)
         ctx.s = s
-        return (lse - T).mean()
+        return nll.mean()
 
     @staticmethod
     def backward(ctx, g):
-        xn, w, inv, P, T, dT, c_y, labels, threshold, t, lse = ctx.saved_tensors
+        xn, w, inv, P, T, dT, c_y, labels, threshold, t = ctx.saved_tensors
         s, B = ctx.s, P.shape[0]
         G, gT = torch.empty_like(P), torch.empty_like(T)
         scale = g.to(inv.dtype) / B
@@ -168,10 +177,10 @@ class _CosineCrossEntropy(torch.autograd.Function):
             y = labels[r, None]
             th = None if threshold is None else threshold[r]
             p, L, hard = _CosineCrossEntropy._logits(P[r], inv, T[r], labels[r], th, t, s)
-            p = p.sub_(lse[r, None]).exp_()  # softmax
+            p = torch.softmax(p, 1)
             gT[r] = ((p.gather(1, y).squeeze(1) - 1) * scale).to(gT.dtype)
-            if hard is not None:  # dO/dL = t + 2 L / s on hard negatives
-                p = torch.where(hard, torch.mul(p, t).addcmul_(p, L, value=2 / s), p, out=p)
+            if hard is not None:  # dO/dL = 1 + hard (t - 1 + 2 L / s), into L's buffer
+                p.addcmul_(p, torch.add(t - 1, L, alpha=2 / s, out=L).mul_(hard))
             torch.mul(p, inv_scale, out=G[r]).scatter_(1, y, 0.0)  # straight into G: no block copy
         need_x, need_w = ctx.needs_input_grad[:2]
         g_y = gT * dT  # dloss/dc_y, through the target logit
