@@ -138,7 +138,7 @@ class _CosineCrossEntropy(torch.autograd.Function):
     def _logits(P, inv, T, labels, threshold, t, s):
         """(O, L, hard) for a block of rows, O in a new buffer in float32 (float64 for a float64
         head); with a curriculum also L and the hard negatives as a 0/1 mask in L's dtype."""
-        L = P.to(inv.dtype) * inv
+        L = torch.mul(P, inv)  # float32 (float64 for a float64 head) by type promotion: no copy of a bf16 P
         if threshold is None:
             return L.scatter_(1, labels[:, None], T[:, None]), None, None
         # O = L + hard L (t - 1 + L / s), in float arithmetic only: on the CPU a boolean mask costs
