@@ -184,7 +184,8 @@ class _CosineCrossEntropy(torch.autograd.Function):
             torch.mul(p, inv_scale, out=G[r]).scatter_(1, y, 0.0)  # straight into G: no block copy
         need_x, need_w = ctx.needs_input_grad[:2]
         g_y = gT * dT  # dloss/dc_y, through the target logit
-        w_y = w[labels].to(inv.dtype) * inv[labels, None]  # the unit target proxies (B x D)
+        inv_y = inv[labels]
+        w_y = w[labels].to(inv.dtype) * inv_y[:, None]  # the unit target proxies (B x D)
         grad_x = grad_w = None
         if need_x:
             grad_x = (G @ w.to(G.dtype)).to(inv.dtype).mul_(s).addcmul_(w_y, g_y[:, None]).to(xn.dtype)
@@ -196,7 +197,7 @@ class _CosineCrossEntropy(torch.autograd.Function):
                 k = slice(j, j + rows)
                 coef = (w[k] * grad_w[k]).sum(1).mul_(inv2[k])
                 grad_w[k].addcmul_(w[k], coef[:, None], value=-1.0)
-            rows_y = (xn.to(inv.dtype) - c_y[:, None] * w_y).mul_((g_y * inv[labels])[:, None])
+            rows_y = (xn.to(inv.dtype) - c_y[:, None] * w_y).mul_((g_y * inv_y)[:, None])
             grad_w.index_add_(0, labels, rows_y.to(w.dtype))  # the target column's own gradient
         return grad_x, grad_w, None, None, None, None, None, None, None
 
