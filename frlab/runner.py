@@ -2,16 +2,19 @@
 
     python -m frlab run NOTEBOOK... [-p NAME VALUE]... [--smoke] [--out DIR]
     python -m frlab run --all [--smoke]
+    python -m frlab report [--readme README.md]     # the results section, from the latest full runs
 
 Parameters are checked against each notebook's typed `parameters` cell before any kernel starts.
 Each run writes runs/<notebook>/<run-id>/ with the executed notebook, params.json (values, seed,
 versions, git commit, wall time), the metrics.json and figures/ the notebook itself writes.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -20,16 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import paths
 from .params import ParameterError, coerce, parameters_cell, parameters_cell_index, parse_parameters
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def notebooks_dir() -> Path:
-    for root in (Path.cwd(), REPO):
-        if (root / "notebooks").is_dir():
-            return root / "notebooks"
-    return Path.cwd() / "notebooks"
+    return paths.home() / "notebooks"
 
 
 def all_notebooks() -> list[Path]:
@@ -69,8 +68,9 @@ def versions() -> dict[str, str]:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True)
+        root = str(paths.home())
+        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain"], capture_output=True, text=True)
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"
@@ -197,13 +197,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m frlab", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute notebooks headlessly with papermill")
-    r.add_argument("notebooks", nargs="*", metavar="NOTEBOOK", help="path, file name or stem (00_quickstart, quickstart)")
+    r.add_argument(
+        "notebooks", nargs="*", metavar="NOTEBOOK", help="path, file name or stem (00_quickstart, quickstart)"
+    )
     r.add_argument("--all", action="store_true", help="every notebooks/NN_*.ipynb, in order")
     r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     r.add_argument("--smoke", action="store_true", help="use each notebook's smoke parameters (seconds, for CI)")
-    r.add_argument("--out", type=Path, default=REPO / "runs", help="root folder of the runs (default: runs/)")
+    r.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="root folder of the runs (default: runs/ of the workbook, see frlab.paths)",
+    )
+    rp = sub.add_parser("report", help="the results section, generated from the latest full run of each notebook")
+    rp.add_argument("--runs", type=Path, default=None, help="root folder of the runs (default: runs/ of the workbook)")
+    rp.add_argument("--readme", type=Path, default=None, help="also replace the results block of this README")
     args = ap.parse_args(argv)
     logging.getLogger("papermill").setLevel(logging.WARNING)
+    if args.cmd == "report":
+        return report_main(args)
 
     try:
         names = [resolve(n) for n in args.notebooks]
@@ -216,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    out = args.out.resolve()
+    out = (args.out or paths.runs()).resolve()
+    os.environ.setdefault("FRLAB_HOME", str(paths.home()))  # the kernels write the model cache where this runner does
     results = []
     for i, p in enumerate(plans, 1):
         print(f"[{i}/{len(plans)}] {p.notebook.stem}{' (smoke)' if p.smoke else ''} ...", flush=True)
@@ -232,3 +245,25 @@ def main(argv: list[str] | None = None) -> int:
     for r in failed:
         print(f"error: {r.notebook} failed in {r.error}; see {r.run_dir / (r.notebook + '.ipynb')}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def report_main(args) -> int:
+    from . import report
+
+    root = (args.runs or paths.runs()).resolve()
+    body = report.build(root, all_notebooks())
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.md").write_text("# Results\n\n" + body)
+    print(f"wrote {root / 'results.md'}")
+    if args.readme:
+        try:
+            text = report.replace_block(args.readme.read_text(), body)
+            bench = root / "bench" / "full.md"
+            if bench.exists():
+                text = report.replace_block(text, bench.read_text(), report.BENCH_BEGIN, report.BENCH_END)
+            args.readme.write_text(text)
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"replaced the results block of {args.readme}")
+    return 0

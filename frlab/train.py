@@ -1,20 +1,33 @@
-"""A small trainer any notebook can drive.
+"""Training, plain enough to read top to bottom.
 
     cfg = TrainConfig(epochs=5, batch_size=128, lr=0.1)
-    trainer = Trainer(model, head, data, cfg, extra={"ddl": ddl_term})
+    trainer = Trainer(model, head, data, cfg, extra={"ddl": DDL()})
     history = trainer.fit()                     # resumes from cfg.checkpoint if it exists
 
-* One optimizer over the model, the head and any extra term that has parameters.
-* Extra loss terms are callables `term(embeddings, labels, meta) -> scalar`, added to the head's
-  loss; each is logged under its name. `meta` holds the batch's metadata and, under "images", the
-  augmented images the model saw (a distillation term runs its teacher on them).
+One training step, `Trainer.train_step`:
+
+    batch  = self.batch(index)              # images (flipped at random), labels, metadata, paired views
+    batch  = transform(self, batch)         # each batch transform in turn: e.g. an attack on model and head
+    out    = self.forward(batch)            # ONE forward: {"embedding", + what the terms need}
+    losses = self.losses(out, batch)        # {"head": head(embedding, labels), name: term(out, batch), ...}
+    sum(losses.values()).backward(), then the optimizer and the schedule step
+
+* Extra loss terms are nn.Modules (or plain callables) `term(out, batch) -> scalar`. A term lists
+  what it reads from `out` in its `needs`: the model's last feature map ("features", or anything
+  else the model's `outputs` gives), the head's per-sample losses ("head_losses") or its margin
+  logits ("logits", without gradient). All of it comes from the one forward.
+* Model, head, terms and transforms are registered together in `trainer.net` (an nn.ModuleDict),
+  with every module a term holds (a teacher, the head a pull refers to): `.to(device)`, checkpoints
+  and the optimizer see each of them once. Frozen parameters (a teacher's) are not optimized.
+* Paired views: `views={"high_res": other_data}` adds `batch.views["high_res"]`, the same samples
+  of another data set of the same length (e.g. the same faces at full resolution), flipped alike.
 * Deterministic: the batch order of epoch e and the RNG used inside it derive from (seed, e), so a
   run resumed from the checkpoint of epoch e ends with the same weights as an uninterrupted one.
 * Checkpoints are written atomically after every epoch and loaded with weights_only=True.
-* `fit_cached` trains once per distinct (model, head, data, config) and reloads afterwards, so that
-  notebooks share baselines instead of retraining them; `finetune` does the same on copies of a
-  trained model (keyed by its weights), for the notebooks that fine-tune one baseline two ways.
+* `fit_cached` trains once per distinct (model, head, terms, data, config, code) and reloads
+  afterwards, so notebooks share baselines; `finetune` does the same on copies of a trained model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,14 +35,18 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-CACHE = Path(__file__).resolve().parents[1] / "data" / "cache" / "models"
+from . import checks, paths
+from .hparams import code_digest, describe
+
+HEAD_OUTPUTS = ("head_losses", "logits")  # what the head adds to a step's outputs, when a term needs it
 
 
 @dataclass
@@ -54,14 +71,45 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
-        if self.sampler not in ("random", "pk", "mixed"):
-            raise ValueError(f"sampler must be 'random', 'pk' or 'mixed', got {self.sampler!r}")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ValueError("need epochs >= 1 and batch_size >= 2")
+        checks.integer("epochs", self.epochs, lo=1)
+        checks.integer("batch_size", self.batch_size, lo=2)
+        checks.number("lr", self.lr, above=0)
+        checks.number("momentum", self.momentum, lo=0, below=1)
+        checks.number("weight_decay", self.weight_decay, lo=0)
+        checks.choice("optimizer", self.optimizer, ("sgd", "adamw"))
+        checks.choice("schedule", self.schedule, ("cosine", "step", "constant"))
+        checks.number("warmup_epochs", self.warmup_epochs, lo=0, hi=self.epochs)
+        checks.number("head_lr_mult", self.head_lr_mult, lo=0)
+        checks.flag("flip", self.flip)
+        checks.choice("sampler", self.sampler, ("random", "pk", "mixed"))
+        checks.integer("images_per_identity", self.images_per_identity, lo=1)
+        checks.number("grad_clip", self.grad_clip, lo=0)
+        checks.flag("amp", self.amp)
+        checks.integer("seed", self.seed, lo=0)
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(
+                f"device must name a torch device ('cpu', 'cuda', 'cuda:1'), got {self.device!r}"
+            ) from None
+
+    def training(self) -> dict[str, Any]:
+        """The fields that determine the trained weights (not where, how shown or checkpointed)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("device", "progress", "checkpoint")}
+
+
+@dataclass
+class Batch:
+    """One training batch as the step sees it."""
+
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1], augmented
+    labels: torch.Tensor  # (B,) int64
+    meta: dict[str, torch.Tensor]  # per-sample metadata (on the CPU)
+    views: dict[str, torch.Tensor] = field(default_factory=dict)  # paired images of the same samples
+    index: torch.Tensor | None = None  # the samples' positions in the data set
+
+    def replace(self, **changes) -> Batch:
+        return replace(self, **changes)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -81,7 +129,7 @@ def pk_batches(labels: torch.Tensor, batch_size: int, k: int, generator: torch.G
     starts = torch.cumsum(counts, 0) - counts
     n_batches = max(1, len(labels) // batch_size)
     out = []
-    for b in range(n_batches):
+    for _ in range(n_batches):
         cls = torch.randperm(len(classes), generator=generator)[:p]
         n = counts[cls, None]
         keys = torch.rand(p, max(k, int(n.max())), generator=generator)
@@ -89,6 +137,10 @@ def pk_batches(labels: torch.Tensor, batch_size: int, k: int, generator: torch.G
         within = torch.argsort(keys, 1)[:, :k] % n  # distinct images; repeats only if n < k
         out.append(order[starts[cls, None] + within].reshape(-1))
     return out
+
+
+def _labels(data) -> torch.Tensor:
+    return data.meta["label"] if hasattr(data, "meta") else data.labels
 
 
 class Trainer:
@@ -99,30 +151,57 @@ class Trainer:
         data,
         cfg: TrainConfig | None = None,
         extra: Mapping[str, Callable] | None = None,
-        track: Mapping[str, Callable[["Trainer"], float]] | None = None,
+        transforms: Sequence[Callable] = (),
+        views: Mapping[str, Any] | None = None,
+        track: Mapping[str, Callable[[Trainer], float]] | None = None,
     ):
         self.cfg = cfg or TrainConfig()
         self.device = torch.device(self.cfg.device)
-        self.model, self.head, self.data = model.to(self.device), head.to(self.device), data
-        self.extra = dict(extra or {})
-        for term in self.extra.values():
-            if isinstance(term, nn.Module):
-                term.to(self.device)
+        self.model, self.head, self.data = model, head, data
+        self.extra, self.transforms = dict(extra or {}), list(transforms)
+        self.views = dict(views or {})
+        for name, view in self.views.items():
+            if len(view) != len(data):
+                raise ValueError(
+                    f"view {name!r} has {len(view)} samples, the data {len(data)}: a view pairs sample by sample"
+                )
         self.track = dict(track or {})
+        self.needs = self._needs()
+        modules = lambda items: nn.ModuleDict({str(k): v for k, v in items if isinstance(v, nn.Module)})  # noqa: E731
+        self.net = nn.ModuleDict(
+            {
+                "model": model,
+                "head": head,
+                "extra": modules(self.extra.items()),
+                "transforms": modules(enumerate(self.transforms)),
+            }
+        ).to(self.device)
         torch.manual_seed(self.cfg.seed)
-        head_params = list(head.parameters()) + [p for t in self.extra.values() if isinstance(t, nn.Module) for p in t.parameters()]
+        in_model = {id(p) for p in model.parameters()}
+        rest = [p for p in self.net.parameters() if p.requires_grad and id(p) not in in_model]  # head, terms: each once
         groups = [
-            {"params": list(model.parameters())},
-            {"params": head_params, "lr": self.cfg.lr * self.cfg.head_lr_mult},
+            {"params": [p for p in model.parameters() if p.requires_grad]},
+            {"params": rest, "lr": self.cfg.lr * self.cfg.head_lr_mult},
         ]
         if self.cfg.optimizer == "sgd":
-            self.opt = torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+            self.opt = torch.optim.SGD(
+                groups, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay
+            )
         else:
             self.opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.steps_per_epoch = max(1, len(data) // self.cfg.batch_size)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.epoch, self.step = 0, 0
         self.history: list[dict[str, float]] = []  # one row per step
+
+    def _needs(self) -> set[str]:
+        needs = set()
+        for term in self.extra.values():
+            want = set(getattr(term, "needs", ()))
+            if "embedding" in want:
+                want.remove("embedding")
+            needs |= want
+        return needs
 
     def _lr_factor(self, step: int) -> float:
         total = self.cfg.epochs * self.steps_per_epoch
@@ -136,11 +215,12 @@ class Trainer:
             return 0.1 ** ((frac >= 0.6) + (frac >= 0.85))
         return 1.0
 
-    # ------------------------------------------------------------------ batches
+    # ------------------------------------------------------------------ the step
     def batches(self, epoch: int) -> list[torch.Tensor]:
+        """The sample indices of each step of `epoch` (a pure function of seed and epoch)."""
         g = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch))
         b, k, n = self.cfg.batch_size, self.cfg.images_per_identity, self.steps_per_epoch
-        labels = self.data.meta["label"] if hasattr(self.data, "meta") else self.data.labels
+        labels = _labels(self.data)
         if self.cfg.sampler == "pk":
             return pk_batches(labels, b, k, g)[:n]
         if self.cfg.sampler == "mixed":  # random images first, then P x K (EKD's batches)
@@ -150,25 +230,60 @@ class Trainer:
             pk = pk_batches(labels, n_pk, k, g)  # at least n batches, as n_pk <= b
             perm = torch.randperm(len(self.data), generator=g)
             r = b - n_pk
-            return [torch.cat([perm[i * r:(i + 1) * r], pk[i]]) for i in range(n)]
+            return [torch.cat([perm[i * r : (i + 1) * r], pk[i]]) for i in range(n)]
         perm = torch.randperm(len(self.data), generator=g)
-        return [perm[i * b:(i + 1) * b] for i in range(n)]
+        return [perm[i * b : (i + 1) * b] for i in range(n)]
+
+    def batch(self, index: torch.Tensor) -> Batch:
+        """The samples `index` on the device, with their paired views, flipped at random (alike)."""
+        images, labels, meta = self.data.batch(index, self.device)
+        views = {name: view.batch(index, self.device)[0] for name, view in self.views.items()}
+        if self.cfg.flip:
+            flip = (torch.rand(len(images), device=self.device) < 0.5)[:, None, None, None]
+            images = torch.where(flip, images.flip(3), images)
+            views = {name: torch.where(flip, v.flip(3), v) for name, v in views.items()}
+        return Batch(images, labels, meta, views, index)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One forward of the model: the embedding and whatever model outputs the terms need."""
+        want = self.needs - set(HEAD_OUTPUTS)
+        if hasattr(self.model, "outputs"):
+            return self.model.outputs(batch.images, want)
+        if want:
+            who = [n for n, t in self.extra.items() if want & set(getattr(t, "needs", ()))]
+            raise ValueError(
+                f"terms {who} need {sorted(want)}, but {type(self.model).__name__} has no `outputs(x, want)`"
+            )
+        return {"embedding": self.model(batch.images)}
+
+    def losses(self, out: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        """The head's loss and every term's, each a scalar. Adds the head's per-sample losses and
+        margin logits to `out` where a term needs them."""
+        out["embedding"] = out["embedding"].float()
+        reduction = "none" if "head_losses" in self.needs else "mean"
+        if "logits" in self.needs:
+            head_loss, out["logits"] = self.head(out["embedding"], batch.labels, reduction=reduction, with_logits=True)
+        else:
+            head_loss = self.head(out["embedding"], batch.labels, reduction=reduction)
+        if reduction == "none":
+            out["head_losses"], head_loss = head_loss, head_loss.mean()
+        losses = {"head": head_loss}
+        for name, term in self.extra.items():
+            losses[name] = term(out, batch)
+        return losses
 
     def train_step(self, index: torch.Tensor) -> dict[str, float]:
-        images, labels, meta = self.data.batch(index, self.device)
-        if self.cfg.flip:
-            flip = torch.rand(len(images), device=self.device) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        batch = self.batch(index)
+        for transform in self.transforms:
+            batch = transform(self, batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
-            emb = self.model(images)
-        emb = emb.float()
-        losses = {"head": self.head(emb, labels)}
-        meta = {**meta, "images": images}  # the augmented batch, for terms that need it (distillation)
-        for name, term in self.extra.items():
-            losses[name] = term(emb, labels, meta)
+            out = self.forward(batch)
+        losses = self.losses(out, batch)
         total = sum(losses.values())
         if not torch.isfinite(total):
-            raise FloatingPointError(f"loss became {total.item()} at step {self.step} (epoch {self.epoch}); lower the learning rate")
+            raise FloatingPointError(
+                f"loss became {total.item()} at step {self.step} (epoch {self.epoch}); lower the learning rate"
+            )
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.grad_clip > 0:
@@ -188,8 +303,7 @@ class Trainer:
         ckpt = Path(self.cfg.checkpoint) if self.cfg.checkpoint else None
         if ckpt and ckpt.exists():
             self.load(ckpt)
-        self.model.train()
-        self.head.train()
+        self.net.train()
         total = self.cfg.epochs * self.steps_per_epoch
         bar = tqdm(total=total, initial=self.step, desc="training", disable=not self.cfg.progress, leave=False)
         while self.epoch < self.cfg.epochs:
@@ -204,16 +318,13 @@ class Trainer:
             if ckpt:
                 self.save(ckpt)
         bar.close()
-        self.model.eval()
-        self.head.eval()
+        self.net.eval()
         return self.history
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         return {
-            "model": self.model.state_dict(),
-            "head": self.head.state_dict(),
-            "extra": {k: t.state_dict() for k, t in self.extra.items() if isinstance(t, nn.Module)},
+            "net": self.net.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "epoch": self.epoch,
@@ -232,24 +343,13 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.head.load_state_dict(state["head"])
-        for k, sd in state["extra"].items():
-            self.extra[k].load_state_dict(sd)
+        self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
 
 
-def _source_digest() -> str:
-    """A digest of frlab's own code: cached models are retrained when the code that made them changes."""
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
+# ------------------------------------------------------------------ the model cache
 def weights_digest(*modules: nn.Module) -> str:
     """A digest of the modules' parameters and buffers (names and bytes)."""
     h = hashlib.sha256()
@@ -259,31 +359,66 @@ def weights_digest(*modules: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(name: str, model: nn.Module, head: nn.Module, data, cfg: TrainConfig, extra: Mapping | None = None) -> str:
-    """A digest of everything that determines the trained weights (not device or progress bars):
-    frlab's source code, the architectures and their starting weights (so a fine-tuning run is
-    keyed by the model it starts from), the data, the config and the extra terms."""
-    c = {k: v for k, v in asdict(cfg).items() if k not in ("device", "progress", "checkpoint")}
-    extra = dict(extra or {})
+def fingerprint(data) -> str:
+    """What identifies a data set's samples: its `fingerprint` (frlab's data sets have one), else its repr."""
+    return getattr(data, "fingerprint", "") or repr(data)
+
+
+def cache_key(
+    name: str,
+    model: nn.Module,
+    head: nn.Module,
+    data,
+    cfg: TrainConfig,
+    extra: Mapping | None = None,
+    transforms: Sequence = (),
+    views: Mapping | None = None,
+) -> str:
+    """A digest of everything that determines the trained weights: every constructor argument of
+    model, head, terms and transforms (`hparams.describe`), their starting weights (so a fine-tuning
+    run is keyed by the model it starts from), the data, the training fields of the config, and the
+    source of the code the training runs (`hparams.code_digest`: the trainer, the classes involved
+    and the frlab modules they import; not figures or notebooks)."""
+    extra, views = dict(extra or {}), dict(views or {})
+    parts = [model, head, *extra.values(), *transforms]
     text = json.dumps(
-        [name, _source_digest(), repr(model), repr(head), weights_digest(model, head, *[t for t in extra.values() if isinstance(t, nn.Module)]),
-         getattr(data, "fingerprint", repr(data)), c, sorted(extra.items(), key=str)],
+        {
+            "name": name,
+            "code": code_digest(Trainer, data, *views.values(), *parts),
+            "model": describe(model),
+            "head": describe(head),
+            "extra": {k: describe(t) for k, t in extra.items()},
+            "transforms": [describe(t) for t in transforms],
+            "weights": weights_digest(*[p for p in parts if isinstance(p, nn.Module)]),
+            "data": fingerprint(data),
+            "views": {k: fingerprint(v) for k, v in views.items()},
+            "config": cfg.training(),
+        },
+        sort_keys=True,
         default=repr,
     )
     return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def fit_cached(name: str, model: nn.Module, head: nn.Module, data, cfg: TrainConfig, cache_dir: str | Path = CACHE, **kw) -> Trainer:
-    """Train (or reload) model and head. The cache file is keyed by `cache_key`; it is a finished
-    checkpoint, so an interrupted training resumes where it stopped."""
-    path = Path(cache_dir) / f"{cache_key(name, model, head, data, cfg, kw.get('extra'))}.pt"
-    cfg = TrainConfig(**{**asdict(cfg), "checkpoint": str(path)})
-    trainer = Trainer(model, head, data, cfg, **kw)
+def fit_cached(
+    name: str, model: nn.Module, head: nn.Module, data, cfg: TrainConfig, cache_dir: str | Path | None = None, **kw
+) -> Trainer:
+    """Train (or reload) model, head and terms. The cache file (under `paths.cache("models")` unless
+    `cache_dir` is given) is keyed by `cache_key`; it is a finished checkpoint, so an interrupted
+    training resumes where it stopped. Keyword arguments go to `Trainer`."""
+    key = cache_key(name, model, head, data, cfg, kw.get("extra"), kw.get("transforms", ()), kw.get("views"))
+    path = Path(cache_dir if cache_dir is not None else paths.cache("models")) / f"{key}.pt"
+    trainer = Trainer(model, head, data, replace(cfg, checkpoint=str(path)), **kw)
     trainer.fit()
     return trainer
 
 
-def finetune(name: str, model: nn.Module, head: nn.Module, data, cfg: TrainConfig, cache_dir: str | Path = CACHE, **kw) -> Trainer:
-    """`fit_cached` on copies of a trained model and head (the originals stay as they are); the
-    cache key includes the starting weights, so each starting model gets its own fine-tuned copy."""
-    return fit_cached(name, copy.deepcopy(model), copy.deepcopy(head), data, cfg, cache_dir, **kw)
+def finetune(
+    name: str, model: nn.Module, head: nn.Module, data, cfg: TrainConfig, cache_dir: str | Path | None = None, **kw
+) -> Trainer:
+    """`fit_cached` on copies of a trained model, its head and the terms (the originals stay as they
+    are). They are copied together, so a term that refers to the head (`CentrePull(head)`) refers to
+    the copy. The cache key includes the starting weights: each starting model gets its own copy."""
+    extra, transforms = dict(kw.pop("extra", None) or {}), list(kw.pop("transforms", ()))
+    model, head, extra, transforms = copy.deepcopy((model, head, extra, transforms))
+    return fit_cached(name, model, head, data, cfg, cache_dir, extra=extra, transforms=transforms, **kw)

@@ -1,4 +1,5 @@
 """Figures with one look across the workbook. Every function returns a matplotlib Figure."""
+
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -6,7 +7,7 @@ import numpy as np
 import seaborn as sns
 import torch
 
-from .eval import tangent_offsets
+from .eval import FPR_LEVELS, tangent_offsets, thresholds_at_fpr
 
 GENUINE, IMPOSTOR = "#2a9d8f", "#e76f51"
 
@@ -79,8 +80,9 @@ def training_curves(history: list[dict[str, float]], keys: tuple[str, ...] = ("l
         y = np.array([h[key] for h in history], dtype=float)
         w = max(1, len(y) // 50)
         smooth = np.convolve(y, np.ones(w) / w, mode="valid")
-        ax.plot(steps, y, alpha=0.25, color="C0")
-        ax.plot(steps[w - 1:], smooth, color="C0")
+        few = len(y) < 20  # a short run (a smoke run has a step or two): dots, or nothing would show
+        ax.plot(steps, y, alpha=0.25, color="C0", marker="o" if few else None)
+        ax.plot(steps[w - 1 :], smooth, color="C0", marker="o" if few else None)
         ax.set(xlabel="step", title=key)
     fig.suptitle(title)
     return fig
@@ -125,7 +127,9 @@ def face_explorer(faces, label: int = 0, zoom: int = 4):
     for name in ("yaw", "pitch", "roll", "light_azimuth", "expression", "resolution", "blur", "noise", "exposure"):
         lo, hi, _ = SWEEPS[name]
         start = {"resolution": 1.0, "exposure": 1.0}.get(name, 0.0)
-        sliders[name] = w.FloatSlider(value=start, min=lo, max=hi, step=(hi - lo) / 100, description=name, continuous_update=True)
+        sliders[name] = w.FloatSlider(
+            value=start, min=lo, max=hi, step=(hi - lo) / 100, description=name, continuous_update=True
+        )
     for name in ("glasses", "mask"):
         sliders[name] = w.Checkbox(value=False, description=name)
     image = w.Image(format="png", width=faces.size * zoom, height=faces.size * zoom)
@@ -154,7 +158,7 @@ def _ring(ax, phi: np.ndarray, cls: np.ndarray, radii: tuple[float, float], colo
         c = int(cls[run[0]])
         if c < 0:
             continue
-        t = phi[run[0]:min(run[-1] + 2, len(phi))]
+        t = phi[run[0] : min(run[-1] + 2, len(phi))]
         xs = np.concatenate([radii[0] * np.cos(t), radii[1] * np.cos(t[::-1])])
         ys = np.concatenate([radii[0] * np.sin(t), radii[1] * np.sin(t[::-1])])
         ax.fill(xs, ys, color=colors[c], alpha=0.45, lw=0)
@@ -173,7 +177,9 @@ def circle_regions(head, n: int = 1441):
     return phi, cos.argmax(1), owner
 
 
-def embedding_circle(embeddings: torch.Tensor, labels: torch.Tensor, head, title: str = "", ax=None, jitter: float = 0.04):
+def embedding_circle(
+    embeddings: torch.Tensor, labels: torch.Tensor, head, title: str = "", ax=None, jitter: float = 0.04
+):
     """2-D embeddings on the unit circle with the class proxies (arrows) and two rings:
     inner, the inference regions (nearest proxy); outer, where a sample of each class is
     classified *with the head's margin* (white = no class has its margin: the margin gap)."""
@@ -191,7 +197,9 @@ def embedding_circle(embeddings: torch.Tensor, labels: torch.Tensor, head, title
     r = 1 + jitter * torch.randn(len(emb), generator=torch.Generator().manual_seed(0))
     ax.scatter(r * emb[:, 0], r * emb[:, 1], s=6, c=colors[labels.cpu().numpy()], alpha=0.8, lw=0)
     for c in range(C):
-        ax.annotate("", xy=1.35 * w[c].numpy(), xytext=(0, 0), arrowprops=dict(arrowstyle="->", color=colors[c], lw=1.5))
+        ax.annotate(
+            "", xy=1.35 * w[c].numpy(), xytext=(0, 0), arrowprops=dict(arrowstyle="->", color=colors[c], lw=1.5)
+        )
     gap = float((owner < 0).float().mean())  # share of angles that satisfy no class's margin
     ax.set(aspect="equal", xlim=(-1.45, 1.45), ylim=(-1.45, 1.45), xticks=[], yticks=[])
     ax.set_title(title or type(head).__name__, fontsize=10)
@@ -207,7 +215,7 @@ def embedding_sphere(embeddings: torch.Tensor, labels: torch.Tensor, head, title
     if ax is None:
         fig = plt.figure(figsize=(4.2, 4.2))
         ax = fig.add_subplot(projection="3d")
-    u, v = np.mgrid[0:2 * np.pi:24j, 0:np.pi:12j]
+    u, v = np.mgrid[0 : 2 * np.pi : 24j, 0 : np.pi : 12j]
     ax.plot_wireframe(np.cos(u) * np.sin(v), np.sin(u) * np.sin(v), np.cos(v), color="0.85", lw=0.4)
     ax.scatter(*emb.T, s=5, c=colors[labels.cpu().numpy()], alpha=0.8, depthshade=False)
     ax.scatter(*(1.12 * w).T, s=90, c=colors, marker="*", edgecolors="k", linewidths=0.5, depthshade=False)
@@ -277,8 +285,14 @@ def anisotropy(spectra: dict[str, dict], top: int = 10, title: str = "intra-clas
     return fig
 
 
-def easy_hard_distributions(scores: dict[str, torch.Tensor], same: torch.Tensor, easy: torch.Tensor, hard: torch.Tensor,
-                            bins: int = 60, title: str = "similarity distributions of easy and hard pairs"):
+def easy_hard_distributions(
+    scores: dict[str, torch.Tensor],
+    same: torch.Tensor,
+    easy: torch.Tensor,
+    hard: torch.Tensor,
+    bins: int = 60,
+    title: str = "similarity distributions of easy and hard pairs",
+):
     """The DDL paper's picture, one panel per model: genuine and impostor similarities of easy
     pairs (filled) and of hard pairs (outlined). `easy` and `hard` are masks over the pairs."""
     from .losses.ddl import easy_hard_gap
@@ -290,9 +304,19 @@ def easy_hard_distributions(scores: dict[str, torch.Tensor], same: torch.Tensor,
         s = s.detach().cpu()
         for mask, kind, color in ((same, "genuine", GENUINE), (~same, "impostor", IMPOSTOR)):
             ax.hist(s[mask & easy].numpy(), bins=edges, density=True, alpha=0.45, color=color, label=f"easy {kind}")
-            ax.hist(s[mask & hard].numpy(), bins=edges, density=True, histtype="step", lw=1.6, color=color, label=f"hard {kind}")
+            ax.hist(
+                s[mask & hard].numpy(),
+                bins=edges,
+                density=True,
+                histtype="step",
+                lw=1.6,
+                color=color,
+                label=f"hard {kind}",
+            )
         gap = easy_hard_gap(s, same, easy, hard)
-        ax.set(xlabel="cosine similarity", title=f"{name}\nKL(easy||hard) genuine {gap.get('kl_pos', float('nan')):.2f}")
+        ax.set(
+            xlabel="cosine similarity", title=f"{name}\nKL(easy||hard) genuine {gap.get('kl_pos', float('nan')):.2f}"
+        )
     axes[0, 0].set_ylabel("density")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title)
@@ -363,33 +387,54 @@ def class_shape_summary(measures: dict[str, dict[str, np.ndarray]], title: str =
     return fig
 
 
-def teacher_student_scatter(teacher: torch.Tensor, student: torch.Tensor, same: torch.Tensor, levels=(1e-2, 1e-3, 1e-4),
-                            title: str = "", ax=None, max_points: int = 6000, seed: int = 0):
+def teacher_student_scatter(
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    same: torch.Tensor,
+    levels=(1e-2, 1e-3, 1e-4),
+    title: str = "",
+    ax=None,
+    max_points: int = 6000,
+    seed: int = 0,
+):
     """Teacher vs student similarity of the same pairs. Dashed lines: each model's threshold at each
     FPR level (vertical: teacher, horizontal: student). Critical pairs, drawn dark: pairs that the
     two models decide differently at some level (accepted by one, rejected by the other)."""
     t, s, same = teacher.detach().cpu().double(), student.detach().cpu().double(), same.detach().cpu().bool()
     thr = {}
     for name, x in (("teacher", t), ("student", s)):
-        imp = torch.sort(x[~same], descending=True).values
-        thr[name] = [float(imp[min(len(imp) - 1, int(len(imp) * f))]) for f in levels if len(imp) * f >= 1]
+        values, resolved = thresholds_at_fpr(x[~same], levels)
+        thr[name] = values[resolved].tolist()
     n = len(thr["teacher"])
     critical = torch.zeros_like(same)
     for a, b in zip(thr["teacher"], thr["student"]):
-        critical |= (t >= a) != (s >= b)
+        critical |= (t > a) != (s > b)  # accepted by one model, rejected by the other
     g = torch.Generator().manual_seed(seed)
     # keep every genuine pair up to half the budget, then impostors, favouring the critical ones
     pick = torch.randperm(len(t), generator=g)
-    pick = torch.cat([pick[same[pick]][: max_points // 2], pick[~same[pick] & critical[pick]][: max_points // 4],
-                      pick[~same[pick] & ~critical[pick]][: max_points // 4]])
+    pick = torch.cat(
+        [
+            pick[same[pick]][: max_points // 2],
+            pick[~same[pick] & critical[pick]][: max_points // 4],
+            pick[~same[pick] & ~critical[pick]][: max_points // 4],
+        ]
+    )
     fig = ax.figure if ax is not None else plt.figure(figsize=(4.6, 4.4))
     ax = ax if ax is not None else fig.add_subplot()
     for mask, color, label in ((same, GENUINE, "genuine"), (~same, IMPOSTOR, "impostor")):
         m = mask[pick] & ~critical[pick]
         ax.scatter(t[pick][m], s[pick][m], s=3, alpha=0.25, color=color, label=label)
         m = mask[pick] & critical[pick]
-        ax.scatter(t[pick][m], s[pick][m], s=6, alpha=0.9, color=color, edgecolors="k", linewidths=0.3,
-                   label=f"critical {label} ({int((mask & critical).sum()):,})")
+        ax.scatter(
+            t[pick][m],
+            s[pick][m],
+            s=6,
+            alpha=0.9,
+            color=color,
+            edgecolors="k",
+            linewidths=0.3,
+            label=f"critical {label} ({int((mask & critical).sum()):,})",
+        )
     for k in range(n):
         ax.axvline(thr["teacher"][k], color="0.3", ls="--", lw=0.7)
         ax.axhline(thr["student"][k], color="0.3", ls=":", lw=0.7)
@@ -401,7 +446,7 @@ def teacher_student_scatter(teacher: torch.Tensor, student: torch.Tensor, same: 
     return fig
 
 
-def threshold_paths(history: list[dict[str, float]], levels=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6), title: str = "EKD thresholds during training"):
+def threshold_paths(history: list[dict[str, float]], levels=FPR_LEVELS, title: str = "EKD thresholds during training"):
     """Smoothed student (solid) and teacher (dashed) thresholds per FPR level, from a trainer history
     whose rows carry `threshold_student@<level>` and `threshold_teacher@<level>`."""
     fig, ax = plt.subplots(figsize=(5.4, 3.4))

@@ -1,14 +1,22 @@
 """The auxiliary losses and the trainer on CUDA, against the same computation on the CPU (skipped
-without a GPU; the heads' CUDA tests live in test_heads.py)."""
+without a GPU; the heads' CUDA tests live in test_heads.py).
+
+FRLAB_TEST_DEVICE names the device compared with the CPU (default "cuda"); `FRLAB_TEST_DEVICE=cpu`
+rehearses these tests on a machine without a GPU (every comparison is then CPU against CPU: it
+checks the tests themselves, not a device)."""
+
+import os
+
 import pytest
 import torch
 
 from frlab import heads, models
 from frlab.data import SynthFaces, materialize
 from frlab.losses import DDL, EKD, CentrePull, FeatureDistill, IntraLoss, SimilarityPreserving
-from frlab.train import TrainConfig, Trainer
+from frlab.train import Batch, TrainConfig, Trainer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICE = os.environ.get("FRLAB_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def batch(seed=0, b=32, d=16, n_id=8):
@@ -19,20 +27,30 @@ def batch(seed=0, b=32, d=16, n_id=8):
     return x, labels, easy, hard
 
 
-def same_on_both(make_term, x, labels, *args, rtol=1e-4, atol=1e-6):
-    cpu_term, gpu_term = make_term("cpu"), make_term("cuda")
-    a, b = x.clone().requires_grad_(), x.cuda().requires_grad_()
-    want = cpu_term(a, labels, *args)
-    got = gpu_term(b, labels.cuda(), *[t.cuda() if torch.is_tensor(t) else t for t in args])
-    want.backward()
-    got.backward()
-    torch.testing.assert_close(got.cpu(), want, rtol=rtol, atol=atol)
-    torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=rtol, atol=atol)
+def same_on_both(make_term, x, labels, images=None, meta=None, rtol=1e-4, atol=1e-6):
+    """term(out, batch) built on the CPU and on DEVICE by make_term(device): equal values and gradients."""
+    results = []
+    for dev in ("cpu", DEVICE):
+        term = make_term(dev)
+        emb = x.to(dev).requires_grad_()
+        imgs = images.to(dev) if images is not None else torch.zeros(len(x), 3, 8, 8, device=dev)
+        loss = term({"embedding": emb}, Batch(imgs, labels.to(dev), meta or {}))
+        loss.backward()
+        results.append((loss.detach().cpu(), emb.grad.cpu()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=rtol, atol=atol)
 
 
 def test_ddl():
     x, labels, easy, hard = batch()
-    same_on_both(lambda dev: DDL().to(dev).loss, x, labels, easy, hard)
+    meta = {
+        "yaw": torch.where(easy, 0.0, 60.0),
+        "pitch": torch.zeros(len(x)),
+        "resolution": torch.ones(len(x)),
+        "blur": torch.zeros(len(x)),
+        "mask": torch.where(hard, 1.0, 0.0),
+    }
+    same_on_both(lambda dev: DDL().to(dev), x, labels, meta=meta)
 
 
 @pytest.mark.parametrize("kind", ["intra", "angle", "centre"])
@@ -44,7 +62,9 @@ def test_intra_terms(kind):
     def make(dev):
         h = heads.ArcFace(16, 8, s=16).to(dev)
         h.load_state_dict(head.state_dict())
-        return {"intra": IntraLoss(h), "angle": IntraLoss(h, anisotropic=False), "centre": CentrePull(h)}[kind].to(dev)
+        return {"intra": IntraLoss(8, 16), "angle": IntraLoss(8, 16, anisotropic=False), "centre": CentrePull(h)}[
+            kind
+        ].to(dev)
 
     same_on_both(make, x, labels)
 
@@ -54,28 +74,30 @@ def test_distillation_terms():
     teacher_emb = batch(3)[0]
 
     class Table(torch.nn.Module):
+        """A 'teacher' that returns fixed embeddings for image indices (in the images' first pixel)."""
+
         def __init__(self):
             super().__init__()
             self.emb = torch.nn.Parameter(teacher_emb.clone())
 
-        def forward(self, idx):
-            return self.emb[idx.long()]
+        def forward(self, images):
+            return self.emb[images[:, 0, 0, 0].long()]
 
+    images = torch.arange(len(x)).float().view(-1, 1, 1, 1).expand(-1, 3, 8, 8)
     for cls in (EKD, FeatureDistill, SimilarityPreserving):
-        def make(dev, cls=cls):
-            term = cls(Table().to(dev)).to(dev)
-            return lambda emb, y, meta: term(emb, y, meta)
-
-        idx = torch.arange(len(x))
-        same_on_both(lambda dev, make=make: (lambda e, y, i: make(dev)(e, y, {"images": i})), x, labels, idx)
+        same_on_both(lambda dev, cls=cls: cls(Table()).to(dev), x, labels, images=images)
 
 
-def test_trainer_step_on_cuda_with_bf16_autocast():
+def test_trainer_step_with_bf16_autocast_moves_every_registered_module():
     data = materialize(SynthFaces(range(6), images_per_identity=8, size=32), progress=False)
     torch.manual_seed(0)
     model = models.MobileFaceNet(8, input_size=32, width=0.25)
     head = heads.CurricularFace(8, 6, s=16)
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, amp=True, device="cuda", sampler="mixed", progress=False)
-    history = Trainer(model, head, data, cfg, extra={"intra": IntraLoss(head)}).fit()
+    teacher = models.iresnet("ir8", width=0.125, input_size=32, embedding_size=8)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, amp=True, device=DEVICE, sampler="mixed", progress=False)
+    trainer = Trainer(
+        model, head, data, cfg, extra={"intra": IntraLoss(6, 8), "centre": CentrePull(head), "ekd": EKD(teacher)}
+    )
+    history = trainer.fit()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
-    assert next(model.parameters()).device.type == "cuda"
+    assert {t.device.type for t in trainer.net.state_dict().values()} == {torch.device(DEVICE).type}

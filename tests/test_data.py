@@ -1,4 +1,5 @@
 """SynthFaces is deterministic and keeps identity across nuisances; ORL reads; splits are disjoint."""
+
 import hashlib
 import math
 
@@ -58,15 +59,21 @@ def test_ellipses_painted_from_lines_match_the_pixelwise_formula(size):
     B, E = 6, len(synth.ELLIPSES)
     U = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=torch.float64)
     roll = U(-0.5, 0.5, B, 1, 1)
-    p = {"cx": U(-0.6, 0.6, B, E, 1), "cy": U(-0.6, 0.6, B, E, 1), "rx": U(0.01, 0.5, B, E, 1), "ry": U(0.01, 0.5, B, E, 1),
-         "gain": U(0, 1, B, E, 1), "shear": U(-2, 2, B, E, 1)}
+    p = {
+        "cx": U(-0.6, 0.6, B, E, 1),
+        "cy": U(-0.6, 0.6, B, E, 1),
+        "rx": U(0.01, 0.5, B, E, 1),
+        "ry": U(0.01, 0.5, B, E, 1),
+        "gain": U(0, 1, B, E, 1),
+        "shear": U(-2, 2, B, E, 1),
+    }
     bend = U(-3, 3, B, 1, 1)
     m = synth.ELLIPSES.index("mouth")
     p["cx"][:, synth.ELLIPSES.index("gap")] = p["cx"][:, m]  # the mouth and its gap share a centre
     t = ((torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1).view(1, 1, size)
     cos, sin = torch.cos(roll), torch.sin(roll)
     L = synth._frames(t, cos, sin, size / 2, *p.values(), bend)
-    L["mouth_x"] = synth._line(t, cos, sin, 1.0, 0.0, -p["cx"][:, m:m + 1]).squeeze(1)
+    L["mouth_x"] = synth._line(t, cos, sin, 1.0, 0.0, -p["cx"][:, m : m + 1]).squeeze(1)
     for k, name in enumerate(synth.ELLIPSES):
         got = synth._alpha(L, name)
         for i in range(B):
@@ -113,8 +120,18 @@ def test_identity_kept_across_nuisance_changes():
 def test_nuisances_change_the_image():
     faces = SynthFaces(range(1), seed=0)
     base = faces.render(0)
-    for kw in ({"yaw": 60.0}, {"pitch": 30.0}, {"roll": 20.0}, {"resolution": 6.0}, {"blur": 1.5}, {"noise": 0.1},
-               {"glasses": 1.0}, {"mask": 1.0}, {"expression": 1.0}, {"light_azimuth": 60.0}):
+    for kw in (
+        {"yaw": 60.0},
+        {"pitch": 30.0},
+        {"roll": 20.0},
+        {"resolution": 6.0},
+        {"blur": 1.5},
+        {"noise": 0.1},
+        {"glasses": 1.0},
+        {"mask": 1.0},
+        {"expression": 1.0},
+        {"light_azimuth": 60.0},
+    ):
         assert (faces.render(0, **kw) - base).abs().mean() > 0.003, kw
 
 
@@ -132,7 +149,7 @@ def test_metadata_and_difficulty():
 def test_groups_follow_weights_and_differ_in_spread():
     groups = [Group("a", weight=3, spread=1.0), Group("b", weight=1, spread=0.3, skin=(0.5, 0.35, 0.25))]
     faces = SynthFaces(range(2000), seed=0, groups=groups)
-    share = float((faces.meta["group"][::faces.images_per_identity] == 1).float().mean())
+    share = float((faces.meta["group"][:: faces.images_per_identity] == 1).float().mean())
     assert 0.2 < share < 0.3
     factors = faces._identity
     g = factors["group"]
@@ -205,7 +222,9 @@ def degrade_reference(img, resolution, blur):
         x = x[None].double()
         s = int(min(max(round(H / res), 4), H))
         if s < H:
-            x = F.interpolate(F.interpolate(x, size=(s, s), mode="area"), size=(H, W), mode="bilinear", align_corners=False)
+            x = F.interpolate(
+                F.interpolate(x, size=(s, s), mode="area"), size=(H, W), mode="bilinear", align_corners=False
+            )
         if sigma > 0.05:
             k = torch.arange(-4, 5, dtype=torch.float64)
             w = torch.exp(-0.5 * (k / sigma) ** 2)

@@ -1,4 +1,5 @@
 """Verification and identification metrics against small cases computed by hand."""
+
 import math
 
 import pytest
@@ -98,7 +99,9 @@ def test_class_spectra_against_a_naive_tangent_projection():
     """An elongated class on the sphere has a low isotropy ratio; a round one a high one."""
     g = torch.Generator().manual_seed(0)
     mu = torch.tensor([0.0, 0.0, 1.0])
-    round_ = torch.nn.functional.normalize(mu + 0.1 * torch.randn(400, 3, generator=g) * torch.tensor([1.0, 1.0, 0.0]), dim=1)
+    round_ = torch.nn.functional.normalize(
+        mu + 0.1 * torch.randn(400, 3, generator=g) * torch.tensor([1.0, 1.0, 0.0]), dim=1
+    )
     long_ = torch.nn.functional.normalize(mu + torch.randn(400, 3, generator=g) * torch.tensor([0.3, 0.03, 0.0]), dim=1)
     emb, labels = torch.cat([round_, long_]), torch.tensor([0] * 400 + [1] * 400)
     out = ev.class_spectra(emb, labels)
@@ -115,4 +118,6 @@ def test_class_spectra_against_a_naive_tangent_projection():
     cov = torch.cov(v.T)
     expected = sorted(torch.linalg.eigvalsh(cov).tolist(), reverse=True)
     assert out["spectrum"][1].tolist() == pytest.approx(expected, abs=1e-10)
-    assert float(out["mean_angle"][1]) == pytest.approx(float(torch.stack([torch.acos(torch.clamp(zi @ m, -1, 1)) for zi in z]).mean()))
+    assert float(out["mean_angle"][1]) == pytest.approx(
+        float(torch.stack([torch.acos(torch.clamp(zi @ m, -1, 1)) for zi in z]).mean())
+    )

@@ -1,10 +1,13 @@
-"""Every head against a naive float64 reference written here, loop by loop, for values and gradients."""
+"""Every head against a naive float64 reference written here, loop by loop, for values and gradients;
+and every registered head's fused forward against its own autograd reference path."""
+
 import math
+import os
 
 import pytest
 import torch
 
-from frlab import heads
+from frlab import _fused, heads
 
 
 # ------------------------------------------------------------------ naive references (float64, loops)
@@ -63,7 +66,9 @@ def ref_npt(x, w, labels, k, r, delta):
     cos = cosines(x, w)
     losses = []
     for b, y in enumerate(labels.tolist()):
-        negatives = sorted((cos[b, j] for j in range(w.shape[0]) if j != y), key=lambda c: float(c.detach()), reverse=True)[:k]
+        negatives = sorted(
+            (cos[b, j] for j in range(w.shape[0]) if j != y), key=lambda c: float(c.detach()), reverse=True
+        )[:k]
         losses.append(2 * r**2 * sum(torch.clamp(c - cos[b, y] + delta / (2 * r**2), min=0) for c in negatives))
     return torch.stack(losses).mean()
 
@@ -73,7 +78,7 @@ def _with_t(head, t):
     return head
 
 
-class CubicMargin(heads._MarginSoftmax):
+class CubicMargin(heads.MarginHead):
     def target(self, cos_y):
         return cos_y - 0.2 * (1 + cos_y) ** 3
 
@@ -82,15 +87,32 @@ CASES = {
     "softmax": (lambda D, C: heads.Softmax(D, C), lambda h, x, y: ref_softmax(x, h.weight, y)),
     "normface": (lambda D, C: heads.NormFace(D, C), lambda h, x, y: ref_margin(x, h.weight, y, 64.0, lambda c: c)),
     "cosface": (lambda D, C: heads.CosFace(D, C), lambda h, x, y: ref_margin(x, h.weight, y, 64.0, lambda c: c - 0.35)),
-    "arcface": (lambda D, C: heads.ArcFace(D, C), lambda h, x, y: ref_margin(x, h.weight, y, 64.0, lambda c: ref_arc_target(c, 0.5))),
-    "arcface_s30_m02": (lambda D, C: heads.ArcFace(D, C, s=30, m=0.2), lambda h, x, y: ref_margin(x, h.weight, y, 30.0, lambda c: ref_arc_target(c, 0.2))),
-    "curricular": (lambda D, C: heads.CurricularFace(D, C), lambda h, x, y: ref_curricular(x, h.weight, y, 64.0, 0.5, 0.0, 0.01)[0]),
-    "curricular_t05": (lambda D, C: _with_t(heads.CurricularFace(D, C, s=16.0, m=0.3, t_momentum=0.1), 0.5),
-                       lambda h, x, y: ref_curricular(x, h.weight, y, 16.0, 0.3, 0.5, 0.1)[0]),
+    "arcface": (
+        lambda D, C: heads.ArcFace(D, C),
+        lambda h, x, y: ref_margin(x, h.weight, y, 64.0, lambda c: ref_arc_target(c, 0.5)),
+    ),
+    "arcface_s30_m02": (
+        lambda D, C: heads.ArcFace(D, C, s=30, m=0.2),
+        lambda h, x, y: ref_margin(x, h.weight, y, 30.0, lambda c: ref_arc_target(c, 0.2)),
+    ),
+    "curricular": (
+        lambda D, C: heads.CurricularFace(D, C),
+        lambda h, x, y: ref_curricular(x, h.weight, y, 64.0, 0.5, 0.0, 0.01)[0],
+    ),
+    "curricular_t05": (
+        lambda D, C: _with_t(heads.CurricularFace(D, C, s=16.0, m=0.3, t_momentum=0.1), 0.5),
+        lambda h, x, y: ref_curricular(x, h.weight, y, 16.0, 0.3, 0.5, 0.1)[0],
+    ),
     # a head that defines only `target`: its slope comes from the default, autograd
-    "custom_target": (lambda D, C: CubicMargin(D, C, s=16.0), lambda h, x, y: ref_margin(x, h.weight, y, 16.0, lambda c: c - 0.2 * (1 + c) ** 3)),
+    "custom_target": (
+        lambda D, C: CubicMargin(D, C, s=16.0),
+        lambda h, x, y: ref_margin(x, h.weight, y, 16.0, lambda c: c - 0.2 * (1 + c) ** 3),
+    ),
     "npt": (lambda D, C: heads.NPT(D, C), lambda h, x, y: ref_npt(x, h.weight, y, 1, 1.0, 1.0)),
-    "npt_k3_r2": (lambda D, C: heads.NPT(D, C, k=3, r=2.0, delta=1.5), lambda h, x, y: ref_npt(x, h.weight, y, 3, 2.0, 1.5)),
+    "npt_k3_r2": (
+        lambda D, C: heads.NPT(D, C, k=3, r=2.0, delta=1.5),
+        lambda h, x, y: ref_npt(x, h.weight, y, 3, 2.0, 1.5),
+    ),
 }
 
 
@@ -104,14 +126,29 @@ def make(name, D=8, C=6, B=10, seed=0):
     return head, x, y
 
 
-@pytest.mark.parametrize("head", [heads.NormFace(4, 3), heads.CosFace(4, 3), heads.ArcFace(4, 3), heads.ArcFace(4, 3, m=0.2),
-                                  heads.CurricularFace(4, 3, m=0.3)], ids=lambda h: repr(h).split("(")[0] + f"_m{h.m}")
+@pytest.mark.parametrize(
+    "head",
+    [
+        heads.NormFace(4, 3),
+        heads.CosFace(4, 3),
+        heads.ArcFace(4, 3),
+        heads.ArcFace(4, 3, m=0.2),
+        heads.CurricularFace(4, 3, m=0.3),
+    ],
+    ids=lambda h: repr(h).split("(")[0] + f"_m{getattr(h, 'm', 0)}",
+)
 def test_closed_form_target_slopes_match_autograd(head):
     """The built-in heads' target_slope is the derivative of their target, at cos = +-1, across
     ArcFace's fallback boundary cos(pi - m), and everywhere between (float64)."""
-    edge = math.cos(math.pi - head.m) if head.m else -0.5
-    c = torch.cat([torch.linspace(-1, 1, 201, dtype=torch.float64), torch.tensor([edge - 1e-9, edge + 1e-9, -1 + 1e-14, 1 - 1e-14], dtype=torch.float64)])
-    expected = heads._MarginSoftmax.target_slope(head, c)  # the generic one: autograd of target
+    m = getattr(head, "m", 0.0)
+    edge = math.cos(math.pi - m) if m else -0.5
+    c = torch.cat(
+        [
+            torch.linspace(-1, 1, 201, dtype=torch.float64),
+            torch.tensor([edge - 1e-9, edge + 1e-9, -1 + 1e-14, 1 - 1e-14], dtype=torch.float64),
+        ]
+    )
+    expected = heads.MarginHead.target_slope(head, c)  # the generic one: autograd of target
     torch.testing.assert_close(head.target_slope(c), expected, rtol=1e-9, atol=1e-9)
 
 
@@ -146,8 +183,8 @@ def test_value_and_gradient_match_reference(name):
 def test_fused_cross_entropy_over_several_row_blocks(name, monkeypatch):
     """The fused cross-entropy walks over blocks of rows: 150 rows of 7 logits in blocks of 64, and
     dL/dW's normalization term over blocks of 3 proxies."""
-    monkeypatch.setattr(heads._CosineCrossEntropy, "BLOCK", 64 * 7)
-    monkeypatch.setattr(heads._CosineCrossEntropy, "PROXY_ROWS", 3)
+    monkeypatch.setattr(_fused._CosineCrossEntropy, "BLOCK", 64 * 7)
+    monkeypatch.setattr(_fused._CosineCrossEntropy, "PROXY_ROWS", 3)
     head, x, y = make(name, B=150, C=7, seed=3)
     check_against_reference(name, head, x, y)
 
@@ -293,7 +330,7 @@ def test_bad_input_is_rejected_with_a_clear_error(name, x, y, message):
 def test_bad_hyper_parameters():
     with pytest.raises(ValueError, match="k must lie"):
         heads.NPT(8, 4, k=4)
-    with pytest.raises(ValueError, match="scale"):
+    with pytest.raises(ValueError, match=r"s must lie in \(0, inf\), got 0"):
         heads.ArcFace(8, 4, s=0)
     with pytest.raises(ValueError, match="unknown head"):
         heads.make_head("arcfce", 8, 4)
@@ -309,7 +346,7 @@ def test_margin_logits_are_what_training_compares(name):
     head.eval()
     with torch.no_grad():
         head.t.fill_(0.3) if hasattr(head, "t") else None
-        expected = head.scaled_logits(x, y) / head.s
+        expected = head(x, y, with_logits=True)[1] / head.s  # the fused kernel's logits
         got = head.margin_logits(head.logits(x), y)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -318,17 +355,20 @@ def test_npt_margin_logits_mark_where_the_hinge_vanishes():
     head, x, y = make("npt", B=40)
     cos = head.logits(x)
     satisfied = head.margin_logits(cos, y).argmax(1) == y
-    per_sample = torch.stack([head(x[i:i + 1], y[i:i + 1]) for i in range(40)])
+    per_sample = torch.stack([head(x[i : i + 1], y[i : i + 1]) for i in range(40)])
     assert torch.equal(satisfied, per_sample == 0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICE = os.environ.get("FRLAB_TEST_DEVICE", "cuda")  # FRLAB_TEST_DEVICE=cpu rehearses the GPU tests here
+
+
+@pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(CASES))
 def test_cuda_matches_the_reference_in_fp32_and_under_bf16_autocast(name):
     head, x, y = make(name)
-    head = head.cuda()
-    xc = x.cuda().requires_grad_(True)
-    loss = head(xc, y.cuda())
+    head = head.to(DEVICE)
+    xc = x.clone().to(DEVICE).requires_grad_(True)
+    loss = head(xc, y.to(DEVICE))
     loss.backward()
     x64 = x.double().requires_grad_(True)
     w64 = head.weight.detach().cpu().double().requires_grad_(True)
@@ -338,7 +378,143 @@ def test_cuda_matches_the_reference_in_fp32_and_under_bf16_autocast(name):
     torch.testing.assert_close(loss.double().cpu(), ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(xc.grad.double().cpu(), x64.grad, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(head.weight.grad.double().cpu(), w64.grad, rtol=1e-3, atol=1e-4)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss16 = head(x.cuda(), y.cuda())
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        loss16 = head(x.to(DEVICE), y.to(DEVICE))
     assert loss16.dtype == torch.float32
     torch.testing.assert_close(loss16.double().cpu(), ref, rtol=0.05, atol=0.05 * float(ref))
+
+
+# ------------------------------------------------------------------ forward == reference, for every registered head
+class Amplified(heads.MarginHead):
+    """A user's head whose negatives the kernel has no fused form of: positive cosines x 1.5."""
+
+    def __init__(self, in_features, num_classes, s=16.0, m=0.2):
+        super().__init__(in_features, num_classes, s)
+        self.m = m
+
+    def target(self, cos_y):
+        return cos_y - self.m
+
+    def negatives(self, cos, cos_y):
+        return torch.where(cos > 0, 1.5 * cos, cos)
+
+
+class ArcWithoutSlope(heads.ArcFace):
+    """Changes ArcFace's target but not its closed-form slope: training must not use ArcFace's."""
+
+    def target(self, cos_y):
+        return heads.arc_target(cos_y, self.m) - 0.1 * cos_y**2
+
+
+class CurricularSquared(heads.CurricularFace):
+    """Changes CurricularFace's negatives, not their fused form: the fused form must not be used."""
+
+    def negatives(self, cos, cos_y):
+        return torch.where(cos > self.hardness_threshold(cos_y), cos * (self.t + cos) ** 2, cos)
+
+
+@pytest.fixture
+def registered():
+    """The built-in heads and three user heads, registered as a user would."""
+    added = [heads.register(cls) for cls in (Amplified, ArcWithoutSlope, CurricularSquared)]
+    yield dict(heads.HEADS)
+    for cls in added:
+        del heads.HEADS[cls.__name__.lower()]
+
+
+def _pair(cls, D=8, C=7, B=12, seed=0):
+    """A head, an identical copy of it (state included) and a batch."""
+    torch.manual_seed(seed)
+    kw = {"k": 2} if cls is heads.NPT else {}
+    a = cls(D, C, **kw)
+    with torch.no_grad():
+        a.weight.normal_()
+        if hasattr(a, "t"):
+            a.t.fill_(0.4)
+    b = cls(D, C, **kw)
+    b.load_state_dict(a.state_dict())
+    return a, b, torch.randn(B, D), torch.randint(0, C, (B,))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_registered_head_trains_what_its_reference_defines(registered, reduction, training):
+    for name, cls in registered.items():
+        if not issubclass(cls, heads.MarginHead):
+            continue
+        fused, ref, x, y = _pair(cls)
+        fused.train(training), ref.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        la, lb = fused(xa, y, reduction=reduction), ref.reference(xb, y, reduction=reduction)
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        weights = torch.linspace(0.5, 1.5, len(y)) if reduction == "none" else torch.tensor(1.0)
+        (la * weights).sum().backward()
+        (lb * weights).sum().backward()
+        scale = max(1.0, float(xb.grad.abs().max()), float(ref.weight.grad.abs().max()))  # float32 at s = 64
+        torch.testing.assert_close(
+            xa.grad, xb.grad, rtol=1e-4, atol=1e-6 * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
+        torch.testing.assert_close(
+            fused.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-6 * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
+        if hasattr(fused, "t"):
+            assert float(fused.t) == pytest.approx(float(ref.t), abs=1e-7), name
+
+
+def test_heads_without_a_fused_form_fall_back_and_the_others_do_not(registered):
+    assert not Amplified(8, 4).fusable() and not CurricularSquared(8, 4).fusable()
+    assert all(
+        cls(8, 4).fusable()
+        for cls in (heads.NormFace, heads.CosFace, heads.ArcFace, heads.CurricularFace, ArcWithoutSlope)
+    )
+    head, _, x, y = _pair(Amplified)
+    assert head(x, y).grad_fn.name() == head.reference(x, y).grad_fn.name() == "NllLossBackward0"
+    head, _, x, y = _pair(heads.ArcFace)
+    assert "CosineCrossEntropy" in head(x, y).grad_fn.name()
+
+
+@pytest.mark.parametrize("name", ["softmax", "normface", "cosface", "arcface", "curricular", "npt"])
+def test_per_sample_losses_are_the_losses_of_each_sample(name):
+    head, x, y = make(name)
+    head.eval()  # CurricularFace's t must not move between the calls
+    per_sample = head(x, y, reduction="none")
+    one_by_one = torch.stack([head(x[i : i + 1], y[i : i + 1]) for i in range(len(y))])
+    torch.testing.assert_close(per_sample, one_by_one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head(x, y, reduction="sum"), per_sample.sum(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["normface", "cosface", "arcface", "curricular"])
+def test_with_logits_returns_the_margin_logits_without_a_second_product(name):
+    head, x, y = make(name)
+    head.eval()
+    loss, logits = head(x, y, with_logits=True)
+    assert not logits.requires_grad and logits.shape == (len(y), head.num_classes)
+    torch.testing.assert_close(logits, head.s * head.margin_logits(head.logits(x), y), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make_head, message",
+    [
+        (lambda: heads.ArcFace(8, 4, m=2.0), r"m must lie in \[0, 1.57"),
+        (lambda: heads.ArcFace(8, 4, m=-0.1), r"m must lie in \[0"),
+        (lambda: heads.CosFace(8, 4, m=2.0), r"m must lie in \[0, 2\)"),
+        (lambda: heads.CosFace(8, 4, s=-1.0), r"s must lie in \(0"),
+        (lambda: heads.CurricularFace(8, 4, t_momentum=1.5), "t_momentum"),
+        (lambda: heads.NPT(8, 4, r=0.0), r"r must lie in \(0"),
+        (lambda: heads.NPT(8, 4, delta=-1.0), "delta"),
+        (lambda: heads.ArcFace(8, 1), "num_classes"),
+        (lambda: heads.ArcFace(0, 4), "in_features"),
+        (lambda: heads.ArcFace(8, 4, s="64"), "s must be a number"),
+        (lambda: heads.NPT(8, 4, k=1.0), "k must be an integer"),
+        (lambda: heads.ArcFace(8, 4)(torch.randn(2, 8), torch.tensor([0, 1]), reduction="avg"), "reduction"),
+    ],
+)
+def test_out_of_range_and_wrongly_typed_hyper_parameters_are_refused(make_head, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make_head()
+
+
+def test_register_refuses_what_is_not_a_head():
+    with pytest.raises(TypeError, match="Head subclasses"):
+        heads.register(torch.nn.Linear)

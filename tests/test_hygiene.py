@@ -1,4 +1,5 @@
 """Committed notebooks are clean: no outputs, no execution counts, a typed parameters cell."""
+
 import json
 import re
 from pathlib import Path
@@ -41,3 +42,26 @@ def test_papermill_reads_every_parameter(path):
     import papermill
 
     assert list(papermill.inspect_notebook(str(path))) == list(read_parameters(path))
+
+
+@pytest.mark.parametrize("stem", ["03_margin_heads", "04_ddl", "05_intraloss"])
+def test_notebooks_that_share_the_baseline_default_to_its_recipe(stem):
+    """03 trains the baseline that 04 and 05 reuse from the model cache: if one notebook's defaults
+    drifted from frlab.experiment.BASELINE, it would silently train a model of its own."""
+    from frlab.experiment import BASELINE
+
+    params = read_parameters(NOTEBOOKS[0].parent / f"{stem}.ipynb")
+    for name in ("epochs", "batch_size", "lr", "scale", "embedding_size"):
+        assert params[name].default == getattr(BASELINE, name), (
+            f"{stem}: {name} = {params[name].default}, the baseline's is {getattr(BASELINE, name)}"
+        )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_claims_are_switched_by_an_explicit_parameter(path):
+    """Claims are checked unless `check_claims` is False (smoke runs), never by guessing from sizes."""
+    params = read_parameters(path)
+    assert params["check_claims"].type == "bool" and params["check_claims"].default is True
+    assert params["check_claims"].has_smoke and params["check_claims"].smoke is False
+    code = "".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+    assert "check_claims" in code.split("run_dir: str", 1)[1] and "assert " not in code, "claims go through run.claim"

@@ -1,12 +1,15 @@
 """DDL against a naive reference written here: loops over pairs and bins, float64."""
+
 import math
 
 import pytest
 import torch
 
+from frlab.hparams import describe
 from frlab.losses import DDL, easy_hard_gap, kl
 from frlab.losses.ddl import centres
 from frlab.protocols import EasyRule, HardRule
+from frlab.train import Batch
 
 
 # ------------------------------------------------------------------ naive reference
@@ -40,7 +43,7 @@ def ref_sets(x, labels, easy, hard, threshold=0.0, released=False):
         for side, out in ((easy, tn), (hard, sn)):
             idx = [i for i in range(n) if side[i]]
             for a, i in enumerate(idx):
-                out.append(max([torch.zeros((), dtype=torch.float64)] + [sim(i, j) for j in idx[a + 1:]]))
+                out.append(max([torch.zeros((), dtype=torch.float64)] + [sim(i, j) for j in idx[a + 1 :]]))
         return tp, sp, tn, sn
     for i in range(n):
         if easy[i]:
@@ -111,7 +114,9 @@ def test_parts_match_reference():
 
 def test_default_bins_and_width_are_the_released_ones():
     ddl = DDL()
-    assert ddl.bins == 1000 and ddl.sigma == 0.1 and (ddl.pos_weight, ddl.neg_weight, ddl.order_weight) == (0.1, 0.02, 0.5)
+    assert (
+        ddl.bins == 1000 and ddl.sigma == 0.1 and (ddl.pos_weight, ddl.neg_weight, ddl.order_weight) == (0.1, 0.02, 0.5)
+    )
     assert centres(1000)[0] == 0 and abs(float(centres(1000)[-1]) - 0.999) < 1e-6
     h = ddl.histogram(torch.tensor([0.5]))
     assert int(h.argmax()) == 500 and abs(float(h.sum()) - 1) < 1e-5
@@ -190,7 +195,10 @@ def test_easy_hard_gap_on_pairs():
     shifted = scores - 0.3 * (same & hard)
     gap = easy_hard_gap(shifted, same, easy, hard, bins=200)
     assert abs(gap["mean_pos_gap"] - 0.3) < 0.01 and gap["kl_pos"] > 1 and abs(gap["mean_neg_gap"]) < 0.01
-    want = ref_kl(ref_histogram(shifted[same & easy][:50].double(), 20, 0.1), ref_histogram(shifted[same & hard][:50].double(), 20, 0.1))
+    want = ref_kl(
+        ref_histogram(shifted[same & easy][:50].double(), 20, 0.1),
+        ref_histogram(shifted[same & hard][:50].double(), 20, 0.1),
+    )
     sub = torch.zeros(4000, dtype=torch.bool)
     sub[(same & easy).nonzero()[:50, 0]] = True
     sub[(same & hard).nonzero()[:50, 0]] = True
@@ -198,15 +206,38 @@ def test_easy_hard_gap_on_pairs():
 
 
 def test_meta_rules_and_bad_input():
-    meta = {"yaw": torch.tensor([0.0, 60.0, 5.0, 50.0]), "pitch": torch.zeros(4), "resolution": torch.ones(4),
-            "blur": torch.zeros(4), "mask": torch.zeros(4)}
+    meta = {
+        "yaw": torch.tensor([0.0, 60.0, 5.0, 50.0]),
+        "pitch": torch.zeros(4),
+        "resolution": torch.ones(4),
+        "blur": torch.zeros(4),
+        "mask": torch.zeros(4),
+    }
     x, labels = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 0, 1, 1])
     ddl = DDL(bins=50)
-    torch.testing.assert_close(ddl(x, labels, meta), ddl.loss(x, labels, EasyRule()(meta), HardRule()(meta)))
-    assert EasyRule()(meta).tolist() == [True, False, True, False] and HardRule(min_yaw=55)(meta).tolist() == [False, True, False, False]
-    assert "EasyRule(max_yaw=20.0" in repr(ddl)  # deterministic repr: part of fit_cached's key
+    torch.testing.assert_close(
+        ddl({"embedding": x}, Batch(torch.zeros(4, 3, 8, 8), labels, meta)),
+        ddl.loss(x, labels, EasyRule()(meta), HardRule()(meta)),
+    )
+    assert EasyRule()(meta).tolist() == [True, False, True, False] and HardRule(min_yaw=55)(meta).tolist() == [
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert describe(ddl)["hparams"]["easy"] == {
+        "type": "frlab.protocols.EasyRule",
+        "max_yaw": 20.0,
+        "max_pitch": 15.0,
+        "max_resolution": 1.5,
+        "max_blur": 0.5,
+    }  # the rules are part of the cache key
     with pytest.raises(ValueError, match="negatives"):
         DDL(negatives="all")
+    with pytest.raises(ValueError, match="sigma"):
+        DDL(sigma=0)
+    with pytest.raises(ValueError, match="pos_weight"):
+        DDL(pos_weight=-0.1)
     with pytest.raises(ValueError, match="shape"):
         ddl.loss(x, labels[:3], EasyRule()(meta), HardRule()(meta))
 

@@ -1,10 +1,12 @@
 """EKD and the distillation baselines against naive references written here (loops, float64)."""
+
 import math
 
 import pytest
 import torch
 
 from frlab.losses import EKD, FeatureDistill, SimilarityPreserving
+from frlab.train import Batch
 
 
 class Frozen(torch.nn.Module):
@@ -45,7 +47,11 @@ def ref_code(s, thresholds, use, temp):
     total = 0
     for thr, u in zip(thresholds, use):
         if u:
-            x = max(-50.0, min(50.0, float((s - thr) / temp))) if not torch.is_tensor(s) else ((s - thr) / temp).clamp(-50, 50)
+            x = (
+                max(-50.0, min(50.0, float((s - thr) / temp)))
+                if not torch.is_tensor(s)
+                else ((s - thr) / temp).clamp(-50, 50)
+            )
             total = total + 1 / (1 + torch.exp(-x) if torch.is_tensor(x) else 1 + math.exp(-x))
     return total
 
@@ -68,9 +74,14 @@ class RefEKD:
         c = [1 - (1 - self.m) ** n if self.correct else 1.0 for n in self.seen]
         s_thr = [v / max(ci, 1e-12) for v, ci in zip(self.s_thr, c)]
         t_thr = [v / max(ci, 1e-12) for v, ci in zip(self.t_thr, c)]
-        pos = [(ref_code(s, s_thr, ok, self.temp) - ref_code(t, t_thr, ok, self.temp)) ** 2 for (_, s), (_, t) in zip(sg, tg)]
+        pos = [
+            (ref_code(s, s_thr, ok, self.temp) - ref_code(t, t_thr, ok, self.temp)) ** 2
+            for (_, s), (_, t) in zip(sg, tg)
+        ]
         order = sorted(range(len(si)), key=lambda q: -float(si[q][1].detach()))[: self.k]
-        neg = [(ref_code(si[q][1], s_thr, ok, self.temp) - ref_code(ti[q][1], t_thr, ok, self.temp)) ** 2 for q in order]
+        neg = [
+            (ref_code(si[q][1], s_thr, ok, self.temp) - ref_code(ti[q][1], t_thr, ok, self.temp)) ** 2 for q in order
+        ]
         return 0.02 * sum(pos) / len(pos) + 0.01 * sum(neg) / len(neg)
 
 
@@ -88,7 +99,9 @@ def batch(seed, b=16, d=6, n_id=5):
 def test_ekd_matches_reference_over_steps(clamp, correct):
     s, t, labels = batch(0, b=20)
     levels = (1e-1, 5e-2, 1e-2, 1e-3)
-    ekd = EKD(Frozen(t), levels=levels, momentum=0.3, temperature=0.05, top_k=7, clamp_levels=clamp, bias_correction=correct).double()
+    ekd = EKD(
+        Frozen(t), levels=levels, momentum=0.3, temperature=0.05, top_k=7, clamp_levels=clamp, bias_correction=correct
+    ).double()
     ref = RefEKD(levels, 0.3, 0.05, 7, clamp, correct)
     for step in range(3):
         a = (s + 0.2 * step).clone().requires_grad_()
@@ -102,7 +115,9 @@ def test_ekd_matches_reference_over_steps(clamp, correct):
         n_imp = int((labels[:, None] != labels[None, :]).sum()) // 2
         assert 100 <= n_imp < 1000  # resolves 1e-1, 5e-2 and 1e-2, not 1e-3 (unless clamped)
         assert ekd.last["levels"] == (4 if clamp else 3)
-    assert ekd.student_thresholds.tolist() == pytest.approx(ref.s_thr) and ekd.teacher_thresholds.tolist() == pytest.approx(ref.t_thr)
+    assert ekd.student_thresholds.tolist() == pytest.approx(
+        ref.s_thr
+    ) and ekd.teacher_thresholds.tolist() == pytest.approx(ref.t_thr)
 
 
 def test_released_defaults():
@@ -119,7 +134,11 @@ def test_thresholds_and_codes_mean_what_they_say():
     assert ok.all() and thr.tolist() == pytest.approx([float(imp.flip(0)[100]), float(imp.flip(0)[10])])
     # a pair far above both thresholds scores 2 (accepted at both levels), far below 0, between 1
     codes = ekd.codes(torch.tensor([2.0, -1.0, float(thr.mean())]), thr, torch.tensor([0, 1]))
-    assert codes[0] == pytest.approx(2) and codes[1] == pytest.approx(0, abs=1e-6) and codes[2] == pytest.approx(1, abs=1e-3)
+    assert (
+        codes[0] == pytest.approx(2)
+        and codes[1] == pytest.approx(0, abs=1e-6)
+        and codes[2] == pytest.approx(1, abs=1e-3)
+    )
 
 
 def test_student_copying_the_teacher_has_zero_loss_and_teacher_gets_no_gradient():
@@ -127,13 +146,15 @@ def test_student_copying_the_teacher_has_zero_loss_and_teacher_gets_no_gradient(
     teacher = Frozen(s)
     ekd = EKD(teacher, levels=(1e-1,), momentum=1.0).double()
     x = s.clone().requires_grad_()
-    loss = ekd(x, labels, {"images": torch.arange(len(s))})
+    loss = ekd({"embedding": x}, Batch(torch.arange(len(s)), labels, {}))  # the trainer's contract
     assert loss.item() == pytest.approx(0, abs=1e-12)
     loss.backward()
-    assert teacher.emb.grad is None and not teacher.emb.requires_grad and list(ekd.parameters()) == []
-    assert "teacher=Frozen:" in repr(ekd)  # the teacher's weights are part of fit_cached's key
-    with pytest.raises(KeyError, match="images"):
-        ekd(x, labels, {})
+    # the term's own frozen copy of the teacher: no gradient, not optimized, in eval mode even when
+    # the term is put in training mode; the caller's model is left as it was
+    assert all(not p.requires_grad and p.grad is None for p in ekd.teacher.parameters())
+    assert teacher.emb.requires_grad and ekd.teacher is not teacher
+    assert not ekd.train().teacher.training and teacher.training
+    assert "teacher.emb" in ekd.state_dict()  # so a model cache keyed by the term's weights sees the teacher
 
 
 def test_edge_cases():

@@ -1,4 +1,5 @@
 """IntraLoss, CentrePull and the anisotropy/margin measures against naive float64 references."""
+
 import math
 
 import pytest
@@ -38,7 +39,9 @@ class RefIntra:
                 continue
             ctr = unit(self.centre[c])
             rs = [us[i].detach() - ctr for i in idx]
-            rs = [r if r.norm() > 1e-6 else torch.zeros_like(r) for r in rs]  # rounding (a lone sample is its own centre)
+            rs = [
+                r if r.norm() > 1e-6 else torch.zeros_like(r) for r in rs
+            ]  # rounding (a lone sample is its own centre)
             d = self.dir[c] if self.dir[c].norm() > 0 else rs[0]
             d = d / d.norm() if d.norm() > 0 else d
             Sd = sum(r * (r @ d) for r in rs) / len(rs)
@@ -76,13 +79,15 @@ def setup(seed=0, b=12, d=5, c=4):
 @pytest.mark.parametrize("anisotropic", [True, False])
 def test_intraloss_matches_reference(seed, anisotropic):
     head, x, labels = setup(seed)
-    term = IntraLoss(head, weight=0.7, anisotropic=anisotropic, momentum=0.3, max_weight=3.0).double()  # float64 state
+    term = IntraLoss(
+        *head.weight.shape, weight=0.7, anisotropic=anisotropic, momentum=0.3, max_weight=3.0
+    ).double()  # float64 state
     ref = RefIntra(head.weight.shape[0], head.weight.shape[1], 0.3, 0.7, anisotropic, 3.0)
     for step in range(4):  # later steps use the running state of the earlier ones
         xs = x + 0.1 * step * torch.randn(x.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
         a = xs.clone().requires_grad_()
         b = xs.clone().requires_grad_()
-        got = term(a, labels)
+        got = term.loss(a, labels)
         want = ref.step(b, labels)
         got.backward()
         want.backward()
@@ -105,8 +110,8 @@ def test_max_weight_caps_the_pull_along_the_long_axis():
     x[:, 1] = torch.linspace(-0.05, 0.05, 8, dtype=torch.float64)  # on a great circle: all the spread along axis 1
     labels = torch.zeros(8, dtype=torch.long)
     for cap, want in ((10.0, 4.0), (2.0, 2.0)):
-        term = IntraLoss(head, max_weight=cap, momentum=1.0).double()
-        term(x, labels)
+        term = IntraLoss(*head.weight.shape, max_weight=cap, momentum=1.0).double()
+        term.loss(x, labels)
         r = torch.tensor([[0.0, 1.0, 0, 0, 0]], dtype=torch.float64)
         assert float(term.weights(r, labels[:1])) == pytest.approx(want, rel=1e-3)
 
@@ -114,8 +119,13 @@ def test_max_weight_caps_the_pull_along_the_long_axis():
 def test_centre_pull_matches_reference():
     head, x, labels = setup(3)
     a = x.clone().requires_grad_()
-    got = CentrePull(head, weight=2.0)(a, labels)
-    want = 2.0 * torch.stack([1 - unit(xi) @ unit(head.weight.detach()[y]) for xi, y in zip(x.clone().requires_grad_(), labels.tolist())]).mean()
+    got = CentrePull(head, weight=2.0).loss(a, labels)
+    want = (
+        2.0
+        * torch.stack(
+            [1 - unit(xi) @ unit(head.weight.detach()[y]) for xi, y in zip(x.clone().requires_grad_(), labels.tolist())]
+        ).mean()
+    )
     torch.testing.assert_close(got, want)
 
 
@@ -129,12 +139,19 @@ def test_gradient_does_not_vanish_near_the_centre():
     sizes = {}
     for angle in (0.5, 0.05, 0.005):
         for name in ("intra", "centre"):
-            term = IntraLoss(head, anisotropic=False, momentum=1.0).double() if name == "intra" else CentrePull(head)
+            term = (
+                IntraLoss(*head.weight.shape, anisotropic=False, momentum=1.0).double()
+                if name == "intra"
+                else CentrePull(head)
+            )
             if name == "intra":  # learn the centre (p) from two samples on either side, then leave it
-                term(torch.stack([math.cos(0.1) * p + math.sin(0.1) * other, math.cos(0.1) * p - math.sin(0.1) * other]), torch.tensor([0, 0]))
+                term.loss(
+                    torch.stack([math.cos(0.1) * p + math.sin(0.1) * other, math.cos(0.1) * p - math.sin(0.1) * other]),
+                    torch.tensor([0, 0]),
+                )
                 term.eval()
             x = (math.cos(angle) * p + math.sin(angle) * other)[None].clone().requires_grad_()
-            term(x, torch.tensor([0])).backward()
+            term.loss(x, torch.tensor([0])).backward()
             sizes[name, angle] = float(x.grad.norm())
     for angle in (0.5, 0.05, 0.005):  # the pull along the chord to the centre, seen on the sphere: cos(angle / 2)
         assert sizes["intra", angle] == pytest.approx(math.cos(angle / 2), rel=1e-6)
@@ -146,22 +163,32 @@ def test_pull_is_strongest_along_the_long_axis():
     head = heads.CosFace(d, 2, s=16).double()
     g = torch.Generator().manual_seed(0)
     # class 0 stretched along axis 1, thin along 2 and 3; class 1 round
-    long = torch.cat([torch.ones(400, 1, dtype=torch.float64), torch.randn(400, 3, generator=g, dtype=torch.float64) * torch.tensor([0.4, 0.05, 0.05])], 1)
-    round_ = torch.cat([-torch.ones(400, 1, dtype=torch.float64), torch.randn(400, 3, generator=g, dtype=torch.float64) * 0.1], 1)
-    term = IntraLoss(head, momentum=0.5, max_weight=100.0).double()
+    long = torch.cat(
+        [
+            torch.ones(400, 1, dtype=torch.float64),
+            torch.randn(400, 3, generator=g, dtype=torch.float64) * torch.tensor([0.4, 0.05, 0.05]),
+        ],
+        1,
+    )
+    round_ = torch.cat(
+        [-torch.ones(400, 1, dtype=torch.float64), torch.randn(400, 3, generator=g, dtype=torch.float64) * 0.1], 1
+    )
+    term = IntraLoss(*head.weight.shape, momentum=0.5, max_weight=100.0).double()
     y = torch.cat([torch.zeros(400, dtype=torch.long), torch.ones(400, dtype=torch.long)])
     for _ in range(5):  # a few training steps learn each class's spread
-        term(torch.cat([long, round_]), y)
+        term.loss(torch.cat([long, round_]), y)
     term.eval()
     axes = torch.eye(4, dtype=torch.float64)[1:]
     w_long = term.weights(axes, torch.zeros(3, dtype=torch.long))
-    assert w_long[0] > 2.5 and w_long[1] < 0.2 and w_long[2] < 0.2  # (D - 1) x the share of the variance along each axis
+    assert (
+        w_long[0] > 2.5 and w_long[1] < 0.2 and w_long[2] < 0.2
+    )  # (D - 1) x the share of the variance along each axis
     w_round = term.weights(axes, torch.ones(3, dtype=torch.long))  # ~1: the pull of a round class
     assert float((w_round - 1).abs().max()) < 0.5 and float(w_round.sum()) == pytest.approx(3.0, abs=0.5)
     assert abs(float(term.direction[0, 1])) > 0.99  # the principal direction found
     # the gradient of a sample offset diagonally points mostly along the long axis
     x = (torch.tensor([[1.0, 0.2, 0.2, 0.0]], dtype=torch.float64) * 1.0).requires_grad_()
-    term(x, torch.zeros(1, dtype=torch.long)).backward()
+    term.loss(x, torch.zeros(1, dtype=torch.long)).backward()
     assert abs(float(x.grad[0, 1])) > 5 * abs(float(x.grad[0, 2]))
 
 
@@ -171,16 +198,21 @@ def test_pull_makes_an_elongated_class_rounder():
     d = 6
     head = heads.CosFace(d, 2, s=16).double()
     g = torch.Generator().manual_seed(1)
-    x0 = torch.cat([torch.ones(200, 1, dtype=torch.float64),
-                    torch.randn(200, d - 1, generator=g, dtype=torch.float64) * torch.tensor([0.0, 0.5, 0.1, 0.1, 0.1])], 1)
+    x0 = torch.cat(
+        [
+            torch.ones(200, 1, dtype=torch.float64),
+            torch.randn(200, d - 1, generator=g, dtype=torch.float64) * torch.tensor([0.0, 0.5, 0.1, 0.1, 0.1]),
+        ],
+        1,
+    )
     y = torch.zeros(200, dtype=torch.long)
     ratios = {}
     for aniso in (False, True):
-        term = IntraLoss(head, weight=1.0, anisotropic=aniso, momentum=0.5).double()
+        term = IntraLoss(*head.weight.shape, weight=1.0, anisotropic=aniso, momentum=0.5).double()
         x = x0.clone()
         for _ in range(40):
             x.requires_grad_(True)
-            term(x, y).backward()
+            term.loss(x, y).backward()
             with torch.no_grad():
                 x = x - 2.0 * x.grad  # 0.01 per step per unit of pull: no overshoot of the centre
         z = torch.nn.functional.normalize(x.detach(), dim=1)
@@ -193,41 +225,46 @@ def test_pull_makes_an_elongated_class_rounder():
 
 def test_edge_cases():
     head, x, labels = setup(4)
-    term = IntraLoss(head).double()
+    term = IntraLoss(*head.weight.shape).double()
     # every sample on its class centre (one per class, or all the same): zero loss, finite zero gradients
     a = head.weight.detach()[labels].clone().requires_grad_()
-    loss = term(a, labels)
+    loss = term.loss(a, labels)
     loss.backward()
     assert torch.isfinite(a.grad).all() and float(loss.detach()) == 0.0
     # opposite features within a class: finite
     a = torch.cat([x[:1], -x[:1]]).clone().requires_grad_()
-    loss = term(a, torch.tensor([3, 3]))
+    loss = term.loss(a, torch.tensor([3, 3]))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
     # fp16 embeddings, one sample per class
     h16 = heads.ArcFace(8, 6, s=16)
-    out = IntraLoss(h16)(torch.randn(6, 8).half(), torch.arange(6))
+    out = IntraLoss(*h16.weight.shape).loss(torch.randn(6, 8).half(), torch.arange(6))
     assert out.dtype == torch.float32 and torch.isfinite(out)
     with pytest.raises(ValueError, match="embeddings"):
-        term(torch.randn(3, 7, dtype=torch.float64), torch.zeros(3, dtype=torch.long))
+        term.loss(torch.randn(3, 7, dtype=torch.float64), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="labels"):
-        term(torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 9]))
+        term.loss(torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 9]))
     with pytest.raises(TypeError, match="proxies"):
-        IntraLoss(torch.nn.Identity())
-    # the head is referenced, not registered: the trainer's optimizer sees its proxies once
-    assert list(term.parameters()) == [] and "centre" in term.state_dict() and "head" not in dict(term.named_modules())
+        CentrePull(torch.nn.Identity())
+    with pytest.raises(ValueError, match="num_classes"):
+        IntraLoss(0, 5)
+    # IntraLoss keeps class statistics of the head's size, not the head; CentrePull registers the
+    # head it pulls toward (the trainer's optimizer, which dedups parameters, still sees them once)
+    assert list(term.parameters()) == [] and "centre" in term.state_dict()
+    pull = CentrePull(head)
+    assert dict(pull.named_modules())["head"] is head and list(pull.parameters()) == [head.weight]
 
 
 def test_eval_mode_does_not_update_and_unseen_classes_are_not_pulled():
     head, x, labels = setup(5)
-    term = IntraLoss(head)
+    term = IntraLoss(*head.weight.shape)
     term.eval()
-    assert float(term(x, labels)) == 0.0  # no centre known yet
+    assert float(term.loss(x, labels)) == 0.0  # no centre known yet
     term.train()
-    term(x, labels)
+    term.loss(x, labels)
     before = term.state_dict()
     term.eval()
-    term(x * 2 + 1, labels)
+    term.loss(x * 2 + 1, labels)
     assert all(torch.equal(before[k], v) for k, v in term.state_dict().items()) and int(term.seen.max()) == 1
 
 

@@ -1,4 +1,5 @@
 """Backbones: every input size and embedding size the workbook uses, and the feature maps."""
+
 import pytest
 import torch
 
@@ -22,7 +23,9 @@ def test_mobilefacenet_shapes(size):
 
 
 def test_named_architectures_have_the_published_depths():
-    blocks = lambda name: sum(isinstance(m, models.IRBlock) for m in models.iresnet(name, width=0.0625, input_size=32).modules())  # noqa: E731
+    blocks = lambda name: sum(
+        isinstance(m, models.IRBlock) for m in models.iresnet(name, width=0.0625, input_size=32).modules()
+    )  # noqa: E731
     assert [blocks(n) for n in ("ir18", "ir34", "ir50", "ir100")] == [8, 16, 24, 49]
 
 

@@ -1,4 +1,5 @@
 """Every notebook, executed headless at its smoke parameters, exactly as a user would run it."""
+
 import json
 import subprocess
 import sys
@@ -14,7 +15,10 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 def test_notebook_runs_at_smoke_parameters(path, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "frlab", "run", path.stem, "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=900,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     (run_dir,) = (tmp_path / path.stem).iterdir()

@@ -1,4 +1,5 @@
 """pyproject.toml is the one list of dependencies; environment.yml, .ci/run and the README agree."""
+
 import re
 import sys
 from pathlib import Path
@@ -34,14 +35,64 @@ def test_environment_yml_installs_the_package_and_lists_nothing_twice():
     assert version >= minimum
 
 
-def test_pyproject_lists_the_stack_and_does_not_pin_a_cpu_torch():
+NOT_IMPORTED = {  # dependencies used as programs or by other packages, never imported: why each is there
+    "jupyterlab": "the notebooks, interactively (`jupyter lab`)",
+    "ipykernel": "the kernel papermill and JupyterLab start",
+    "pytest": "the test runner",
+    "ruff": "the linter (test_lint_is_clean runs it)",
+}
+IMPORT_NAMES = {"pyyaml": "yaml"}
+
+
+def _imported_names() -> set[str]:
+    """Top-level names imported anywhere in the package, the notebooks, tests, benchmarks and scripts."""
+    import ast
+    import json
+
+    sources = [
+        p.read_text()
+        for p in [
+            *ROOT.glob("frlab/**/*.py"),
+            *ROOT.glob("tests/*.py"),
+            *ROOT.glob("benchmarks/*.py"),
+            ROOT / "workbook.py",
+        ]
+    ]
+    for nb in ROOT.glob("notebooks/*.ipynb"):
+        sources += ["".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+    names = set()
+    for src in sources:
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_declared_dependency_is_used():
     project = pyproject()["project"]
-    names = {re.split(r"[<>=!~\[ ]", d)[0].lower() for d in project["dependencies"]}
-    assert {"torch", "numpy", "scipy", "matplotlib", "seaborn", "ipywidgets", "tqdm", "papermill", "jupyterlab", "ipykernel"} <= names
-    dev = {re.split(r"[<>=!~\[ ]", d)[0].lower() for d in project["optional-dependencies"]["dev"]}
-    assert {"pytest", "nbval", "pyyaml"} <= dev
+    declared = [*project["dependencies"], *(d for deps in project["optional-dependencies"].values() for d in deps)]
+    imported = _imported_names()
+    for requirement in declared:
+        name = re.split(r"[<>=!~\[ ;]", requirement)[0].lower()
+        assert IMPORT_NAMES.get(name, name) in imported or name in NOT_IMPORTED, (
+            f"{name} is declared but nothing uses it"
+        )
     torch = next(d for d in project["dependencies"] if d.startswith("torch"))
-    assert "+cpu" not in torch and "==" not in torch
+    assert "+cpu" not in torch and "==" not in torch, "GPU users install frlab on the torch build of their machine"
+
+
+def test_lint_is_clean():
+    """ruff, as configured in pyproject.toml, finds nothing in the package, tests, notebooks and scripts."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    r = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
+    r = subprocess.run([ruff, "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, "run `ruff format .`:\n" + r.stdout[-3000:]
 
 
 def test_ci_runs_the_readme_test_command():

@@ -1,4 +1,5 @@
 """Protocols: pairs, subsets, folds and gallery/probe splits against naive loops."""
+
 import itertools
 
 import pytest

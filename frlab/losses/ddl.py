@@ -12,9 +12,9 @@ hardest in-batch impostor similarity; a, b range over {teacher, student}. Each s
 becomes a distribution by a soft histogram: a Gaussian kernel of width `sigma` centred at each
 similarity, evaluated at `bins` points k / bins on [0, 1), normalized to sum 1.
 
-    ddl = DDL()                                   # released defaults
-    loss = head(emb, labels) + ddl(emb, labels, meta)           # easy/hard from metadata rules
-    loss = head(emb, labels) + ddl.loss(emb, labels, easy, hard)  # or from boolean masks
+    ddl = DDL()                                                   # released defaults
+    Trainer(model, head, data, cfg, extra={"ddl": ddl})            # easy/hard from metadata rules
+    loss = head(emb, labels) + ddl.loss(emb, labels, easy, hard)  # or directly, from boolean masks
 
 Which pairs belong to which side follows frlab's pair protocol (protocols.pair_subsets): a pair is
 easy when both samples are easy, hard when at least one is hard. So the teacher's genuine pairs are
@@ -37,15 +37,19 @@ Genuine pairs with similarity <= `positive_threshold` (0) are dropped, as releas
 similarities are missing from the batch (say, no easy genuine pair) contributes 0, and the parts of
 the last call are kept in `self.last` (floats) for logging.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
+from ..hparams import HParams
 from ..protocols import EasyRule, HardRule
 
 EPS = 1e-9
+EASY, HARD = EasyRule(), HardRule()  # the default rules (frozen values)
 
 
 def centres(bins: int, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,8 +71,14 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p * (p.log() - q.log())).sum()
 
 
-def easy_hard_gap(scores: torch.Tensor, same: torch.Tensor, easy: torch.Tensor, hard: torch.Tensor,
-                  bins: int = 1000, sigma: float = 0.1) -> dict[str, float]:
+def easy_hard_gap(
+    scores: torch.Tensor,
+    same: torch.Tensor,
+    easy: torch.Tensor,
+    hard: torch.Tensor,
+    bins: int = 1000,
+    sigma: float = 0.1,
+) -> dict[str, float]:
     """How far the hard pairs' similarity distributions are from the easy pairs' (evaluation, no
     gradient): KL(easy || hard) of the genuine and of the impostor soft histograms, and the gap of
     the mean genuine and mean impostor similarity. easy / hard are masks over the pairs."""
@@ -82,11 +92,13 @@ def easy_hard_gap(scores: torch.Tensor, same: torch.Tensor, easy: torch.Tensor, 
     return out
 
 
-class DDL(nn.Module):
+class DDL(HParams, nn.Module):
     """Distribution distillation from easy (teacher) to hard (student) samples of one network; see
     the module docstring for the formula, the pair rules and where frlab differs from the released
-    code. `ddl(emb, labels, meta)` takes easy/hard from metadata with the `easy` and `hard` rules,
-    `ddl.loss(emb, labels, easy, hard)` from boolean masks."""
+    code. As a trainer term it takes easy/hard from the batch's metadata with the `easy` and `hard`
+    rules; `ddl.loss(emb, labels, easy, hard)` takes boolean masks."""
+
+    needs = ()  # the embedding is enough
 
     def __init__(
         self,
@@ -98,35 +110,40 @@ class DDL(nn.Module):
         positive_threshold: float = 0.0,
         detach_teacher: bool = True,
         negatives: str = "hardest",
-        easy: EasyRule = EasyRule(),
-        hard: HardRule = HardRule(),
+        easy: EasyRule = EASY,
+        hard: HardRule = HARD,
     ):
         super().__init__()
-        if negatives not in ("hardest", "released"):
-            raise ValueError(f"negatives must be 'hardest' or 'released', got {negatives!r}")
-        if bins < 2 or sigma <= 0:
-            raise ValueError(f"need bins >= 2 and sigma > 0, got bins={bins}, sigma={sigma}")
-        self.pos_weight, self.neg_weight, self.order_weight = float(pos_weight), float(neg_weight), float(order_weight)
-        self.bins, self.sigma, self.positive_threshold = int(bins), float(sigma), float(positive_threshold)
-        self.detach_teacher, self.negatives = bool(detach_teacher), negatives
+        self.pos_weight = checks.number("pos_weight", pos_weight, lo=0)
+        self.neg_weight = checks.number("neg_weight", neg_weight, lo=0)
+        self.order_weight = checks.number("order_weight", order_weight, lo=0)
+        self.bins = checks.integer("bins", bins, lo=2)
+        self.sigma = checks.number("sigma", sigma, above=0)
+        self.positive_threshold = checks.number("positive_threshold", positive_threshold, lo=-1, hi=1)
+        self.detach_teacher = checks.flag("detach_teacher", detach_teacher)
+        self.negatives = checks.choice("negatives", negatives, ("hardest", "released"))
         self.easy, self.hard = easy, hard
         self.last: dict[str, float] = {}
-
-    def extra_repr(self) -> str:
-        return (f"pos_weight={self.pos_weight}, neg_weight={self.neg_weight}, order_weight={self.order_weight}, "
-                f"bins={self.bins}, sigma={self.sigma}, positive_threshold={self.positive_threshold}, "
-                f"detach_teacher={self.detach_teacher}, negatives={self.negatives!r}, easy={self.easy}, hard={self.hard}")
 
     # ------------------------------------------------------------------ pieces, public for figures
     def histogram(self, s: torch.Tensor) -> torch.Tensor:
         """`soft_histogram` with this loss's bins and width."""
         return soft_histogram(s, self.bins, self.sigma)
 
-    def similarities(self, embeddings: torch.Tensor, labels: torch.Tensor, easy: torch.Tensor, hard: torch.Tensor) -> dict[str, torch.Tensor]:
+    def similarities(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, easy: torch.Tensor, hard: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """The four similarity sets: teacher_pos, student_pos, teacher_neg, student_neg (1-D each)."""
-        if embeddings.dim() != 2 or labels.shape != (len(embeddings),) or easy.shape != labels.shape or hard.shape != labels.shape:
-            raise ValueError(f"need embeddings (B, D) and labels, easy, hard of shape (B,); got {tuple(embeddings.shape)}, "
-                             f"{tuple(labels.shape)}, {tuple(easy.shape)}, {tuple(hard.shape)}")
+        if (
+            embeddings.dim() != 2
+            or labels.shape != (len(embeddings),)
+            or easy.shape != labels.shape
+            or hard.shape != labels.shape
+        ):
+            raise ValueError(
+                f"need embeddings (B, D) and labels, easy, hard of shape (B,); got {tuple(embeddings.shape)}, "
+                f"{tuple(labels.shape)}, {tuple(easy.shape)}, {tuple(hard.shape)}"
+            )
         z = F.normalize(embeddings if embeddings.dtype == torch.float64 else embeddings.float(), dim=1)
         S = z @ z.T
         same = labels[:, None] == labels[None, :]
@@ -152,7 +169,9 @@ class DDL(nn.Module):
         return S.masked_fill(~allowed, float("-inf")).max(1).values
 
     # ------------------------------------------------------------------ the loss
-    def loss(self, embeddings: torch.Tensor, labels: torch.Tensor, easy: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, easy: torch.Tensor, hard: torch.Tensor
+    ) -> torch.Tensor:
         sims = self.similarities(embeddings, labels, easy, hard)
         zero = embeddings.sum() * 0.0  # keeps the graph (and the dtype) when a part is missing
         parts = {}
@@ -163,13 +182,19 @@ class DDL(nn.Module):
                 parts[f"kl_{sign}"] = kl(p.detach() if self.detach_teacher else p, self.histogram(s))
             else:
                 parts[f"kl_{sign}"] = zero
-        order = [n.mean() - p.mean() for n in (sims["teacher_neg"], sims["student_neg"])
-                 for p in (sims["teacher_pos"], sims["student_pos"]) if len(n) and len(p)]
+        order = [
+            n.mean() - p.mean()
+            for n in (sims["teacher_neg"], sims["student_neg"])
+            for p in (sims["teacher_pos"], sims["student_pos"])
+            if len(n) and len(p)
+        ]
         parts["order"] = torch.stack(order).sum() if order else zero
         self.last = {k: float(v.detach()) for k, v in parts.items()} | {f"n_{k}": len(v) for k, v in sims.items()}
-        return self.pos_weight * parts["kl_pos"] + self.neg_weight * parts["kl_neg"] + self.order_weight * parts["order"]
+        return (
+            self.pos_weight * parts["kl_pos"] + self.neg_weight * parts["kl_neg"] + self.order_weight * parts["order"]
+        )
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, meta: dict) -> torch.Tensor:
-        """The trainer's contract: easy and hard samples from the metadata by this term's rules."""
-        dev = embeddings.device
-        return self.loss(embeddings, labels, self.easy(meta).to(dev), self.hard(meta).to(dev))
+    def forward(self, out: dict, batch) -> torch.Tensor:
+        """The trainer's contract: easy and hard samples from the batch's metadata by this term's rules."""
+        emb = out["embedding"]
+        return self.loss(emb, batch.labels, self.easy(batch.meta).to(emb.device), self.hard(batch.meta).to(emb.device))

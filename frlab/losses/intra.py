@@ -26,11 +26,11 @@ the identity for a round class):
   average variance shrinks mu times faster (relatively) than an average one, so long axes shrink
   first. The pull's direction matters, not only its size: an earlier frlab design scaled a pull
   along r_i by w_i, and every direction of the offset still shrank by the same step.
-* Toward the class's running centre, not its proxy: measured in notebook 05's setting, the centre
-  of an ArcFace class lies ~11 degrees from its proxy (its samples ~18 degrees from the centre),
-  so offsets taken from the proxy measure mostly that displacement, and their "principal
-  direction" is the direction to the centre, not the class's long axis. The term leaves the
-  proxies to the head.
+* Toward the class's running centre, not its proxy: in notebook 05's setting the centre of an
+  ArcFace class lies from its proxy at an angle comparable with its samples' spread around the
+  centre (the notebook prints both), so offsets taken from the proxy measure mostly that
+  displacement, and their "principal direction" is the direction to the centre, not the class's
+  long axis. The term leaves the proxies to the head.
 * S_y is tracked per class as "one principal direction + isotropic rest" (C x D memory, the size of
   the classifier; a D x D covariance per class would not scale, and a batch holds too few images of
   a class to estimate one): a running power iteration on the class's offsets gives its principal
@@ -47,65 +47,90 @@ the identity for a round class):
 * `anisotropic=False` is the ablation: S' = I, a plain non-vanishing pull of size 1 toward the
   running centre (the gradient enhancement without the anisotropy).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_OFFSET = 1e-6  # shorter offsets are rounding (a lone sample is its own centre): no pull, not a unit pull in a random direction
+from .. import checks
+from ..hparams import HParams
+
+# shorter offsets are rounding (a lone sample is its own centre): no pull, not a unit pull in a random direction
+MIN_OFFSET = 1e-6
 
 
-class _ClassTerm(nn.Module):
-    """An auxiliary term on each sample's class, sized by a head's (num_classes, in_features)
-    `weight` of class proxies. The head is referenced, not registered: its parameters belong to the
-    head (and the optimizer sees them once)."""
+def unit_features(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, in_features: int) -> torch.Tensor:
+    """The unit features, in float32 or float64, after checking the shapes and labels."""
+    C, D = num_classes, in_features
+    if embeddings.dim() != 2 or embeddings.shape[1] != D or labels.shape != (len(embeddings),):
+        raise ValueError(
+            f"need embeddings (B, {D}) and labels (B,), got {tuple(embeddings.shape)}, {tuple(labels.shape)}"
+        )
+    if len(labels) and not bool(torch.stack([labels.min() >= 0, labels.max() < C]).all().cpu()):  # one sync
+        raise ValueError(f"labels must lie in [0, {C}), got [{int(labels.min())}, {int(labels.max())}]")
+    dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    return F.normalize(embeddings.to(dtype), dim=1)
+
+
+class CentrePull(HParams, nn.Module):
+    """The plain alternative: L = weight * mean_i (1 - cos theta_i) = weight * mean_i |u_i - p_i|^2 / 2,
+    centre loss with the class proxies p of `head` as centres, on the unit sphere. Its pull fades as
+    sin theta near the proxy and does not look at the shape of the class. The head is registered
+    here (the trainer optimizes its proxies once, and a copy of head and term pulls toward the
+    copied head's proxies)."""
+
+    needs = ()
 
     def __init__(self, head: nn.Module, weight: float = 1.0):
         super().__init__()
-        if not hasattr(head, "weight") or head.weight.dim() != 2:
-            raise TypeError("needs a head with a (num_classes, in_features) `weight` of class proxies")
-        if weight < 0:
-            raise ValueError(f"weight must be >= 0, got {weight}")
-        object.__setattr__(self, "head", head)
-        self.weight = float(weight)
+        if (
+            not isinstance(head, nn.Module)
+            or not isinstance(getattr(head, "weight", None), torch.Tensor)
+            or head.weight.dim() != 2
+        ):
+            raise TypeError("CentrePull needs a head with a (num_classes, in_features) `weight` of class proxies")
+        self.head = head
+        self.weight = checks.number("weight", weight, lo=0)
 
-    def unit(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The unit features, in float32 or float64, after checking the shapes and labels."""
-        C, D = self.head.weight.shape
-        if embeddings.dim() != 2 or embeddings.shape[1] != D or labels.shape != (len(embeddings),):
-            raise ValueError(f"need embeddings (B, {D}) and labels (B,), got {tuple(embeddings.shape)}, {tuple(labels.shape)}")
-        if len(labels) and not bool(torch.stack([labels.min() >= 0, labels.max() < C]).all().cpu()):  # one sync
-            raise ValueError(f"labels must lie in [0, {C}), got [{int(labels.min())}, {int(labels.max())}]")
-        dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-        return F.normalize(embeddings.to(dtype), dim=1)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in vars(self).items() if k in ("weight", "anisotropic", "momentum", "max_weight"))
-
-
-class CentrePull(_ClassTerm):
-    """The plain alternative: L = weight * mean_i (1 - cos theta_i) = weight * mean_i |u_i - p_i|^2 / 2,
-    centre loss with the class proxies p as centres, on the unit sphere. Its pull fades as sin theta
-    near the proxy and does not look at the shape of the class."""
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, meta: dict | None = None) -> torch.Tensor:
-        u = self.unit(embeddings, labels)
-        p = F.normalize(self.head.weight[labels.long()].to(u.dtype), dim=1)
+    def loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        u = unit_features(embeddings, labels, *self.head.weight.shape)
+        # index_select's backward adds rows in order; indexing's accumulates with atomic adds across threads
+        p = F.normalize(self.head.weight.index_select(0, labels.long()).to(u.dtype), dim=1)
         return self.weight * (1.0 - (u * p).sum(1)).mean()
 
+    def forward(self, out: dict, batch) -> torch.Tensor:
+        return self.loss(out["embedding"], batch.labels)
 
-class IntraLoss(_ClassTerm):
+
+class IntraLoss(HParams, nn.Module):
     """weight * mean_i r_i^T S'_y r_i / (2 |r_i|): a non-vanishing pull toward each class's running
-    centre, along the class's own long axes (reconstructed; see the module docstring)."""
+    centre, along the class's own long axes (reconstructed; see the module docstring). It keeps
+    running statistics of each of `num_classes` classes of `in_features`-dimensional features (the
+    head's size), not a reference to the head: it never reads the proxies."""
 
-    def __init__(self, head: nn.Module, weight: float = 1.0, anisotropic: bool = True, momentum: float = 0.1, max_weight: float = 10.0):
-        super().__init__(head, weight)
-        if not 0 < momentum <= 1 or max_weight < 1:
-            raise ValueError(f"need 0 < momentum <= 1 and max_weight >= 1, got {momentum}, {max_weight}")
-        self.anisotropic, self.momentum, self.max_weight = bool(anisotropic), float(momentum), float(max_weight)
-        C, D = head.weight.shape
-        self.register_buffer("centre", torch.zeros(C, D))  # running mean of the class's unit features (its direction is the centre)
+    needs = ()
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_features: int,
+        weight: float = 1.0,
+        anisotropic: bool = True,
+        momentum: float = 0.1,
+        max_weight: float = 10.0,
+    ):
+        super().__init__()
+        C = self.num_classes = checks.integer("num_classes", num_classes, lo=1)
+        D = self.in_features = checks.integer("in_features", in_features, lo=1)
+        self.weight = checks.number("weight", weight, lo=0)
+        self.anisotropic = checks.flag("anisotropic", anisotropic)
+        self.momentum = checks.number("momentum", momentum, above=0, hi=1)
+        self.max_weight = checks.number("max_weight", max_weight, lo=1)
+        self.register_buffer(
+            "centre", torch.zeros(C, D)
+        )  # running mean of the class's unit features (its direction is the centre)
         self.register_buffer("direction", torch.zeros(C, D))  # the class's principal direction (unit; 0 = none yet)
         self.register_buffer("principal", torch.zeros(C))  # running variance along it (not bias-corrected)
         self.register_buffer("total", torch.zeros(C))  # running mean of |r|^2 (not bias-corrected)
@@ -130,8 +155,12 @@ class IntraLoss(_ClassTerm):
         r = u - self.centres(labels)
         r = torch.where(r.norm(dim=1, keepdim=True) > MIN_OFFSET, r, torch.zeros_like(r))
         d = self.direction[classes]
-        first = torch.full((K,), len(u), device=u.device).scatter_reduce(0, inv, torch.arange(len(u), device=u.device), "amin")
-        d = F.normalize(torch.where(d.norm(dim=1, keepdim=True) > 0, d, r[first]), dim=1)  # start from one of the class's offsets
+        first = torch.full((K,), len(u), device=u.device).scatter_reduce(
+            0, inv, torch.arange(len(u), device=u.device), "amin"
+        )
+        d = F.normalize(
+            torch.where(d.norm(dim=1, keepdim=True) > 0, d, r[first]), dim=1
+        )  # start from one of the class's offsets
         proj = (r * d[inv]).sum(1)
         Sd = torch.zeros_like(d).index_add_(0, inv, r * proj[:, None]) / n[:, None]  # this batch's S d
         bias = 1 - (1 - m) ** (self.seen[classes] - 1).to(dt)  # of the running lambda so far (0 before any)
@@ -152,7 +181,10 @@ class IntraLoss(_ClassTerm):
         d = self.direction[labels].to(dtype)
         if not self.anisotropic or D <= 2:
             return one, one, d
-        lam, tot = self.principal[labels].to(dtype), self.total[labels].to(dtype)  # the same bias in both: their ratio is exact
+        lam, tot = (
+            self.principal[labels].to(dtype),
+            self.total[labels].to(dtype),
+        )  # the same bias in both: their ratio is exact
         known = tot > 0
         share = torch.where(known, lam / tot.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(tot)).clamp(0, 1)
         mu = ((D - 1) * share).clamp(max=self.max_weight)
@@ -168,8 +200,9 @@ class IntraLoss(_ClassTerm):
         w = rho + (mu - rho) * a2 / n2.clamp(min=torch.finfo(r.dtype).tiny)
         return torch.where(n2 > 0, w, torch.ones_like(w))
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, meta: dict | None = None) -> torch.Tensor:
-        u = self.unit(embeddings, labels)
+    def loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The term on a batch (updating the running statistics first, in training mode)."""
+        u = unit_features(embeddings, labels, self.num_classes, self.in_features)
         labels = labels.long()
         if self.training:
             self.update(u.detach(), labels)
@@ -181,3 +214,6 @@ class IntraLoss(_ClassTerm):
         mu, rho, d = self.shape(labels, u.dtype)
         quad = rho * (r * r).sum(1) + (mu - rho) * (r * d).sum(1) ** 2  # r^T S' r
         return self.weight * (quad / (2 * norm)).mean()
+
+    def forward(self, out: dict, batch) -> torch.Tensor:
+        return self.loss(out["embedding"], batch.labels)

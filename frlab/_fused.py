@@ -1,0 +1,213 @@
+"""The performance work behind `frlab.heads`: what the heads compute, in fewer passes and less memory.
+
+Nothing here is needed to understand a loss: `heads.MarginHead.reference` is the plain definition,
+and tests check every head's `forward` against it. This file keeps the margin heads within a few
+percent of the bare classifier (`linear + cross_entropy`) in time and memory (benchmarks/run.py).
+
+* `cosine_cross_entropy`: cross-entropy of a normalized softmax, fused with the proxies'
+  normalization, the target logit and an optional element-wise map of the other logits.
+* `CosineLinear`: (s x_hat) @ (W / |W|).T without a normalized copy of W.
+* `HardNegatives`: the element-wise map "L (t + L / s) above a per-row threshold", in the form the
+  kernel applies block by block. A head hands the kernel such a map for its negatives; a head whose
+  negatives have no fused form is computed by its reference path instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a head accumulates in: float64 for float64 weights (gradcheck), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def inverse_norms(w: torch.Tensor) -> torch.Tensor:
+    """1 / |W_j| for every proxy, in the accumulation dtype, without gradient."""
+    return torch.linalg.vector_norm(w.detach().to(accumulation_dtype(w.dtype)), dim=1).clamp_(min=1e-12).reciprocal_()
+
+
+class CosineLinear(torch.autograd.Function):
+    """(s x_hat) @ (W / |W|).T without a normalized copy of W.
+
+    forward: out = xs @ W.T, then each column j is scaled by inv_j = 1 / |W_j| (in place).
+    backward, with g = dL/dout:
+        dL/dW_j = inv_j h_j - inv_j^3 (W_j . h_j) W_j,   h = g.T @ xs   (one product, into the
+                  gradient's own C x D buffer, then scaled row by row: no C x D temporary)
+        dL/dxs  = sum over blocks k of classes of g[:, k] @ (inv_k W_k)
+    (the derivative of W_j / |W_j|, folded in). Only a block of scaled proxies is ever a temporary,
+    never a B x C one: CHUNK classes at a time on the CPU, CUDA_CHUNK on a GPU (where fewer, larger
+    products are faster). Under autocast the products run in the autocast dtype, the column scales
+    and dL/dW in float32.
+    """
+
+    CHUNK = 8192  # classes per block of scaled proxies in backward, on the CPU
+    CUDA_CHUNK = 65536  # on CUDA: 65536 x D float32 is 128 MiB at D = 512
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        inv = inverse_norms(w)
+        out = xs @ w.t()
+        out.mul_(inv.to(out.dtype))
+        ctx.save_for_backward(xs, w, inv)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        xs, w, inv = ctx.saved_tensors
+        dt = g.dtype
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x = grad_w = None
+        if need_w:
+            grad_w = (g.t() @ xs.to(dt)).to(w.dtype)  # h, then dL/dW in place
+            grad_w.mul_(inv.to(w.dtype)[:, None])
+            coef = torch.einsum("cd,cd->c", w, grad_w) * (inv * inv).to(w.dtype)
+            grad_w.addcmul_(w, coef[:, None], value=-1.0)
+        if need_x:
+            chunk = CosineLinear.CUDA_CHUNK if g.is_cuda else CosineLinear.CHUNK
+            grad_x = torch.zeros(xs.shape, dtype=accumulation_dtype(xs.dtype), device=xs.device)
+            for j in range(0, w.shape[0], chunk):
+                k = slice(j, j + chunk)
+                grad_x += g[:, k] @ (w[k] * inv[k, None].to(w.dtype)).to(dt)
+            grad_x = grad_x.to(xs.dtype)
+        return grad_x, grad_w
+
+
+class HardNegatives:
+    """The element-wise map of non-target logits L = s cos_j
+        O_j = L_j (t + L_j / s)   where L_j > threshold_i (the row's own threshold),
+        O_j = L_j                 elsewhere,
+    with dO/dL = 1 + hard (t - 1 + 2 L / s), in float arithmetic only: on the CPU a boolean mask
+    costs two float passes and `torch.where` about eight. `threshold` is (B, 1), `t` a 0-d tensor."""
+
+    def __init__(self, threshold: torch.Tensor, t: torch.Tensor, s: float):
+        self.threshold, self.t, self.s = threshold, t, s
+
+    def logits(self, L: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """O for a block of rows (in a new buffer) and what `scale_grad_` needs (the 0/1 mask)."""
+        hard = torch.gt(L, self.threshold[rows], out=torch.empty_like(L))
+        O = torch.add(self.t - 1, L, alpha=1 / self.s).mul_(L)
+        return torch.addcmul(L, hard, O, out=O), hard
+
+    def scale_grad_(self, p: torch.Tensor, L: torch.Tensor, hard: torch.Tensor, rows: slice) -> None:
+        """p <- p dO/dL, in place (L's buffer is reused)."""
+        p.addcmul_(p, torch.add(self.t - 1, L, alpha=2 / self.s, out=L).mul_(hard))
+
+
+class _CosineCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of a normalized softmax, fused with the proxies' normalization and the margin,
+    so that it keeps no more than the bare classifier's `linear + cross_entropy` does: the B x C
+    product and one B x C gradient.
+
+    Inputs: the unit embeddings x_hat (B x D), the raw proxies W (C x D), the labels, the target
+    cosines c_y = x_hat . W_y / |W_y| (B,), the target logits T (B,) and their slopes dT/dc_y, the
+    scale s, an optional map of the other logits (`negatives`, e.g. `HardNegatives`) and the
+    reduction. With xs = s x_hat, P = xs @ W.T and inv_j = 1 / |W_j|, the logits are
+    L_j = P_j inv_j = s cos(theta_j), O_j = negatives(L)_j (L_j without a map), O_y = T_y, and the
+    loss of row i is logsumexp(O) - T. Forward and backward walk over blocks of rows (about BLOCK
+    logits each, so that a block's temporaries stay in cache), recomputing O from P; with
+    p = softmax(O) and g_i the gradient of row i's loss:
+        dloss/dT_i = (p_y - 1) g_i,
+        G_j = dloss/dP_j = p_j (dO_j/dL_j) inv_j g_i, 0 at y,
+        dloss/dxs = G @ W,   dloss/dW_j = H_j - inv_j^2 (W_j . H_j) W_j  with H = G.T @ xs
+    (the second term is the derivative of inv_j, folded in: no normalized C x D copy of W, and no
+    B x C pass for the column scales, which happen inside the blocks). The target column's own
+    gradient, g_y = dloss/dT_y dT/dc_y, is added here too: g_y W_y / |W_y| to x_hat's and
+    g_y (x_hat - c_y W_y / |W_y|) / |W_y| to row y of dL/dW, in place (handed to autograd as a
+    second, sparse gradient of W it would cost a C x D copy to sum). Under autocast P and G are in
+    the autocast dtype, as the bare classifier's are; everything else is float32 (float64 for a
+    float64 head). With `with_logits`, the margin logits O (B x C, no gradient) are kept as the
+    blocks make them: no second product.
+    """
+
+    BLOCK = 2**18  # logits per block of rows on the CPU (1 MiB of float32: cache-sized)
+    CUDA_BLOCK = 2**25  # on CUDA, where each block costs kernel launches: 128 MiB of float32
+    PROXY_ROWS = 2048  # rows of W per block of dL/dW's normalization term on the CPU
+    CUDA_PROXY_ROWS = 65536  # on CUDA: a 128 MiB temporary at D = 512
+
+    @staticmethod
+    def _blocks(P: torch.Tensor):
+        B, C = P.shape
+        if P.is_cuda:
+            rows = max(1, _CosineCrossEntropy.CUDA_BLOCK // C)
+        else:  # at least a row per thread: the CPU's (log_)softmax kernels share out whole rows
+            rows = max(_CosineCrossEntropy.BLOCK // C, torch.get_num_threads())
+        return [slice(i, i + rows) for i in range(0, B, rows)]
+
+    @staticmethod
+    def _logits(P, inv, T, labels, negatives, r):
+        """(O, L, saved) for the block of rows r: O in a new buffer in float32 (float64 for a float64
+        head); with a map of the negatives also L and what the map keeps for its slope."""
+        L = torch.mul(P[r], inv)  # float32 by type promotion: no copy of a bf16 P
+        if negatives is None:
+            return L.scatter_(1, labels[r, None], T[r, None]), None, None
+        O, saved = negatives.logits(L, r)
+        return O.scatter_(1, labels[r, None], T[r, None]), L, saved
+
+    @staticmethod
+    def forward(ctx, xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits):
+        inv = inverse_norms(w)
+        P = (xn * s) @ w.t()  # the classifier's product (in the autocast dtype under autocast)
+        logits = torch.empty(P.shape, dtype=inv.dtype, device=P.device) if with_logits else None
+        with torch.autocast(P.device.type, enabled=False):
+            nll = torch.empty(len(T), dtype=inv.dtype, device=T.device)  # -log p_y = logsumexp(O) - T
+            for r in _CosineCrossEntropy._blocks(P):
+                O = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)[0]
+                if logits is not None:
+                    logits[r] = O
+                # log_softmax's fused kernel is faster here than logsumexp's four passes
+                nll[r] = torch.log_softmax(O, 1).gather(1, labels[r, None]).squeeze(1).neg_()
+        ctx.save_for_backward(xn, w, inv, P, T, dT, c_y, labels)
+        ctx.s, ctx.negatives, ctx.reduction = s, negatives, reduction
+        loss = nll if reduction == "none" else (nll.sum() if reduction == "sum" else nll.mean())
+        if logits is None:
+            return loss, None
+        ctx.mark_non_differentiable(logits)
+        return loss, logits
+
+    @staticmethod
+    def backward(ctx, g, _g_logits=None):
+        xn, w, inv, P, T, dT, c_y, labels = ctx.saved_tensors
+        s, negatives, B = ctx.s, ctx.negatives, P.shape[0]
+        G, gT = torch.empty_like(P), torch.empty_like(T)
+        per_row = ctx.reduction == "none"
+        g = g.to(inv.dtype) / (B if ctx.reduction == "mean" else 1)  # dloss/d(row loss): a scalar, or (B,)
+        inv_scale = None if per_row else inv * g  # dloss/dO_j = p_j g, and dL_j/dP_j = inv_j
+        for r in _CosineCrossEntropy._blocks(P):
+            y = labels[r, None]
+            p, L, saved = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)
+            p = torch.softmax(p, 1)
+            g_r = g[r] if per_row else g
+            gT[r] = ((p.gather(1, y).squeeze(1) - 1) * g_r).to(gT.dtype)
+            if negatives is not None:
+                negatives.scale_grad_(p, L, saved, r)
+            if per_row:
+                torch.mul(p, inv, out=G[r]).mul_(g_r[:, None].to(G.dtype)).scatter_(1, y, 0.0)
+            else:
+                torch.mul(p, inv_scale, out=G[r]).scatter_(1, y, 0.0)  # straight into G: no block copy
+        need_x, need_w = ctx.needs_input_grad[:2]
+        g_y = gT * dT  # dloss/dc_y, through the target logit
+        inv_y = inv[labels]
+        w_y = w[labels].to(inv.dtype) * inv_y[:, None]  # the unit target proxies (B x D)
+        grad_x = grad_w = None
+        if need_x:
+            grad_x = (G @ w.to(G.dtype)).to(inv.dtype).mul_(s).addcmul_(w_y, g_y[:, None]).to(xn.dtype)
+        if need_w:
+            grad_w = (G.t() @ (xn * s).to(G.dtype)).to(
+                w.dtype
+            )  # H, then dL/dW in place, a cache-sized block of rows at a time
+            inv2 = (inv * inv).to(w.dtype)
+            rows = _CosineCrossEntropy.CUDA_PROXY_ROWS if w.is_cuda else _CosineCrossEntropy.PROXY_ROWS
+            for j in range(0, w.shape[0], rows):
+                k = slice(j, j + rows)
+                coef = (w[k] * grad_w[k]).sum(1).mul_(inv2[k])
+                grad_w[k].addcmul_(w[k], coef[:, None], value=-1.0)
+            rows_y = (xn.to(inv.dtype) - c_y[:, None] * w_y).mul_((g_y * inv_y)[:, None])
+            grad_w.index_add_(0, labels, rows_y.to(w.dtype))  # the target column's own gradient
+        return grad_x, grad_w, None, None, None, None, None, None, None, None
+
+
+def cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, negatives=None, reduction="mean", with_logits=False):
+    """See `_CosineCrossEntropy`: the loss (mean, sum or per row), and the margin logits s * O
+    (no gradient) when `with_logits`, else None."""
+    return _CosineCrossEntropy.apply(xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits)
