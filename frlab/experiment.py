@@ -13,7 +13,7 @@ Training identities are ids 0 .. n - 1 of a SynthFaces world; held-out identitie
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch import nn
 from . import checks, heads, models, protocols, train
 from . import eval as ev
 from .data import ORL_TEST, SynthFaces, materialize, orl_faces
+from .data.orl import orl_photos
 from .data.synth import DEFAULT_GROUPS, FaceTensors, Nuisance
 
 TEST_OFFSET = 10_000  # the first held-out identity id
@@ -71,14 +72,19 @@ def orl_test(size: int = 64) -> tuple[FaceTensors, protocols.Pairs]:
 
 
 def embed(model, data, device: str = "cpu", flip: bool = True) -> torch.Tensor:
-    """Unit embeddings of every sample (image + mirror by default), on the CPU."""
+    """Unit embeddings of every sample (image + mirror by default), on the CPU. A model that embeds
+    faces its own way (`embed_faces`: the pretrained network aligns each image by its landmarks
+    first) is asked to."""
+    if hasattr(model, "embed_faces"):
+        return model.embed_faces(data, device)
     return ev.embed(model.to(device), data, device=device, flip=flip)[0]
 
 
 @dataclass
 class Evaluation:
     """Held-out faces with their verification pairs and subsets (all, easy, hard; per group where
-    asked), a gallery / probe split, and the ORL test people at the same size."""
+    asked), a gallery / probe split, and the ORL test people at the same size (the pretrained
+    network sees them as photos, aligned by their landmarks)."""
 
     data: FaceTensors
     easy: protocols.EasyRule = field(default_factory=protocols.EasyRule)
@@ -108,16 +114,28 @@ class Evaluation:
         emb = embed(model, self.data, device)
         scores = self.pairs.scores(emb)
         report = protocols.verification_report(scores, self.pairs, self.subsets if subsets is None else subsets)
-        if self.orl:
-            report["orl"] = ev.verification(
-                self.orl_pairs.scores(embed(model, self.orl_data, device)), self.orl_pairs.same
-            )
+        if self.orl:  # a model that aligns faces itself sees the ORL photos with their landmarks, not the crops
+            orl = orl_photos(ORL_TEST) if hasattr(model, "embed_faces") else self.orl_data
+            report["orl"] = ev.verification(self.orl_pairs.scores(embed(model, orl, device)), self.orl_pairs.same)
         if identification:
             labels = self.data.meta["label"]
             report["identification"] = ev.identification(
                 emb[self.gallery], labels[self.gallery], emb[self.probe], labels[self.probe], max_rank=max_rank
             )
         return report, scores
+
+
+def factor_worlds(faces: SynthFaces) -> dict[str, SynthFaces]:
+    """The same identities and images under other conditions: "frontal" (`Nuisance.frontal()`),
+    "all" (the default mix of every nuisance), and one world per nuisance factor whose default
+    distribution differs from the frontal one: that factor drawn as by default, the others frontal.
+    Each nuisance keeps its per-image draw, so the worlds differ in that factor only."""
+    frontal, mixed = Nuisance.frontal(), Nuisance()
+    worlds = {"frontal": replace(faces, nuisance=frontal), "all": replace(faces, nuisance=mixed)}
+    for f in fields(Nuisance):
+        if getattr(frontal, f.name) != getattr(mixed, f.name):
+            worlds[f.name] = replace(faces, nuisance=replace(frontal, **{f.name: getattr(mixed, f.name)}))
+    return worlds
 
 
 def metric(report: dict, subset: str, key: str) -> float:

