@@ -11,6 +11,7 @@ ready for `Run.log` and metrics.json.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -148,6 +149,26 @@ def identification(
         hits += torch.bincount(first[first < max_rank].cpu(), minlength=max_rank).double()
     cmc = torch.cumsum(hits, 0) / len(probe)
     return {"rank1": float(cmc[0]), "cmc": cmc.tolist()}
+
+
+def gradient_share(head, embeddings: torch.Tensor, labels: torch.Tensor, tops=(1,)) -> dict[str, float]:
+    """Where a head's gradient goes among the negatives: for each sample, the share of the mass
+    |dL/dcos_j| over its non-target classes that falls on its `top` most similar (hardest)
+    negatives, averaged over the samples that have any (implicit mining: NPT puts all of it on its
+    k nearest, a softmax spreads it by softmax weight). From `head.loss_from_cosines`, no state change."""
+    head = copy.deepcopy(head).double().eval()  # float64, and the caller's head left as it is
+    cos = head.logits(embeddings.double()).detach().requires_grad_()
+    (grad,) = torch.autograd.grad(head.loss_from_cosines(cos, labels, "sum"), cos)
+    negatives = cos.detach().scatter(1, labels[:, None], float("-inf"))
+    mass = grad.abs().scatter(1, labels[:, None], 0.0)
+    total = mass.sum(1)
+    some = total > 0
+    order = negatives.argsort(1, descending=True)
+    out = {"samples_with_gradient": float(some.double().mean())}
+    for n in tops:
+        top = mass.gather(1, order[:, :n]).sum(1)
+        out[f"top{n}"] = float((top[some] / total[some]).mean()) if some.any() else float("nan")
+    return out
 
 
 def tangent_offsets(zc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -138,6 +138,124 @@ def factor_worlds(faces: SynthFaces) -> dict[str, SynthFaces]:
     return worlds
 
 
+PHOTO_FACTORS = ("resolution", "blur", "noise", "exposure", "white_balance", "glasses", "mask")  # what a photo can take
+
+
+def degrade_photos(
+    photos: FaceTensors, factors=PHOTO_FACTORS, nuisance: Nuisance | None = None, seed: int = 0, scale: float = 1.0
+) -> FaceTensors:
+    """Photos (e.g. `orl_photos()`, with landmarks) degraded the way SynthFaces degrades its
+    renders, by the nuisances in `factors` drawn per image from `nuisance` (default: SynthFaces'
+    default mix), keyed by (seed, identity, image) as SynthFaces keys its own: the same
+    resolution, blur, noise, exposure and white balance code, and glasses and a surgical mask
+    drawn on the face from its five landmarks. `scale` resizes the photos first (area), so that
+    their faces span as many pixels as the renders' (`face_scale`). Returns RGB uint8 faces with
+    their landmarks."""
+    from .data import synth
+
+    nuisance = nuisance or Nuisance()
+    unknown = set(factors) - set(PHOTO_FACTORS)
+    if unknown:
+        raise ValueError(f"a photo cannot take {sorted(unknown)}; choose from {', '.join(PHOTO_FACTORS)}")
+    meta = photos.meta
+    u = synth.hash_uniform(
+        seed, meta["identity"][:, None], meta["image"][:, None], 100 + torch.arange(len(synth.NUISANCES))
+    )
+    frontal = {k: c.value for k, c in vars(Nuisance.frontal()).items() if isinstance(c, synth.Const)}
+    values = {
+        k: (
+            getattr(nuisance, k)(u[:, i]).float()
+            if k in factors
+            else torch.full((len(photos),), float(frontal.get(k, 0.0)))
+        )
+        for i, k in enumerate(synth.NUISANCES)
+    }
+    images = photos.images.float().div(255).expand(-1, 3, -1, -1).contiguous()
+    marks = meta["landmarks"]
+    if scale != 1.0:
+        size = (round(images.shape[2] * scale), round(images.shape[3] * scale))
+        images = torch.nn.functional.interpolate(images, size=size, mode="area" if scale < 1 else "bilinear")
+        marks = (marks + 0.5) * torch.tensor([size[1] / photos.images.shape[3], size[0] / photos.images.shape[2]]) - 0.5
+    meta = {**meta, "landmarks": marks}
+    N, _, H, W = images.shape
+    images = _occlude(images, marks, values["glasses"], values["mask"])
+    wb = values["white_balance"].view(-1, 1, 1, 1) * torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1)
+    images = images.mul_(values["exposure"].view(-1, 1, 1, 1) * (1 + wb)).clamp_(0, 1)
+    pad = (H - W) // 2  # the camera model works on square images: replicate the edges, then crop
+    square = torch.nn.functional.pad(images, (pad, H - W - pad, 0, 0), mode="replicate")
+    square = synth._degrade(square, values).clamp_(0, 1)
+    square = synth._add_noise(square, seed, meta["identity"], meta["image"], values["noise"])
+    out = square[:, :, :, pad : pad + W].mul(255).round_().to(torch.uint8)
+    return FaceTensors(
+        out,
+        photos.labels,
+        dict(meta),
+        photos.num_classes,
+        f"{photos.fingerprint} degraded({sorted(factors)}, {nuisance!r}, seed={seed})",
+    )
+
+
+def greyscale(data: FaceTensors) -> FaceTensors:
+    """The same faces with their colour removed (each pixel the mean of its channels)."""
+    grey = data.images.float().mean(1, keepdim=True).round_().to(torch.uint8).expand_as(data.images).contiguous()
+    return FaceTensors(grey, data.labels, data.meta, data.num_classes, f"{data.fingerprint} grey")
+
+
+def face_scale(faces: FaceTensors) -> float:
+    """The median distance between the eyes, in pixels, of faces with landmarks."""
+    marks = faces.meta["landmarks"]
+    return float((marks[:, 1] - marks[:, 0]).norm(dim=1).median())
+
+
+def _occlude(images: torch.Tensor, marks: torch.Tensor, glasses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Glasses (a dark rim round each eye, a faint lens) and a surgical mask (light blue, from just
+    below the nose tip to below the chin), placed by the five landmarks, on the images that have them."""
+    N, _, H, W = images.shape
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    eyes, nose, mouth = marks[:, :2], marks[:, 2], marks[:, 3:].mean(1)
+    iod = (eyes[:, 1] - eyes[:, 0]).norm(dim=1).view(-1, 1, 1)  # the distance between the eyes sets the scale
+    for k in (glasses > 0.5).nonzero().squeeze(1).tolist():
+        for e in eyes[k]:
+            d = torch.sqrt(((xs - e[0]) / (0.42 * iod[k])) ** 2 + ((ys - e[1]) / (0.3 * iod[k])) ** 2)
+            rim = (1 - (d - 1).abs() / 0.15).clamp(0, 1)  # a ring a few pixels wide round each eye
+            images[k] = images[k].lerp(torch.full_like(images[k], 0.08), rim)
+            images[k] = images[k].lerp(torch.full_like(images[k], 0.6), 0.12 * (d < 1).float())
+    for k in (mask > 0.5).nonzero().squeeze(1).tolist():
+        top = nose[k, 1] + 0.15 * (mouth[k, 1] - nose[k, 1])
+        half = 1.25 * iod[k, 0, 0]
+        inside = (
+            (ys > top) & ((xs - mouth[k, 0]).abs() < half) & (ys < mouth[k, 1] + 1.6 * (mouth[k, 1] - nose[k, 1]))
+        ).float()
+        images[k] = images[k].lerp(torch.tensor([0.72, 0.82, 0.92]).view(3, 1, 1).expand_as(images[k]), inside)
+    return images
+
+
+def at_resolutions(faces: SynthFaces, levels) -> dict[float, SynthFaces]:
+    """The same identities and images with the resolution factor fixed at each level (every other
+    nuisance as in `faces`): surveillance-like probes at a few distances."""
+    return {
+        float(level): replace(faces, nuisance=replace(faces.nuisance, resolution=_const(level))) for level in levels
+    }
+
+
+def _const(value):
+    from .data.synth import Const
+
+    return Const(float(value))
+
+
+def gallery_probe(model, gallery: FaceTensors, probes: FaceTensors, device: str = "cpu", levels=(1e-2, 1e-3)) -> dict:
+    """A watch-list protocol: every probe against every gallery face (one or more per identity,
+    the same labels): rank-1 identification, and verification of all gallery-probe pairs (AUC,
+    TPR at the FPR levels the impostor count resolves)."""
+    g, p = embed(model, gallery, device), embed(model, probes, device)
+    out = {"rank1": ev.identification(g, gallery.labels, p, probes.labels, max_rank=1)["rank1"]}
+    scores = p @ g.T
+    same = probes.labels[:, None] == gallery.labels[None, :]
+    report = ev.verification(scores.reshape(-1), same.reshape(-1), levels)
+    return out | {k: v for k, v in report.items() if k == "auc" or k.startswith("tpr")}
+
+
 def metric(report: dict, subset: str, key: str) -> float:
     """report[subset][key], or NaN where the subset or the level is missing (too few pairs)."""
     return float(report.get(subset, {}).get(key, float("nan")))

@@ -97,6 +97,11 @@ class Head(HParams, nn.Module):
         *with margin* where its target entry is the largest. Pure: no state changes."""
         return cos
 
+    def loss_from_cosines(self, cos: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The loss as a function of the cosines (B, C) to every proxy, differentiable in them: for
+        figures of the loss and its gradient over the logits. Pure: no state changes."""
+        raise NotImplementedError(f"{type(self).__name__}'s loss is not a function of the cosines alone")
+
     def target_cosine(self, xn: torch.Tensor, labels: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """cos(theta_y) in float32, from the B target proxies only (clamped to [-1, 1] against
         rounding unless clamp=False). Their gradient is sparse (B rows): indexing's would be a
@@ -163,6 +168,9 @@ class MarginHead(Head):
         cos_y = cos.gather(1, labels[:, None]).squeeze(1)
         return self.negatives(cos, cos_y).scatter(1, labels[:, None], self.target(cos_y)[:, None])
 
+    def loss_from_cosines(self, cos: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(self.s * self.margin_logits(cos, labels), labels, reduction=reduction)
+
     def reference(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", with_logits: bool = False):
         """The definition, with plain autograd over the full B x C logits:
         cross_entropy(s * margin_logits(cos, labels), labels), after the state update."""
@@ -171,9 +179,8 @@ class MarginHead(Head):
         cos = self.logits(x).to(acc)
         if self.training:
             self.update(cos.detach().gather(1, labels[:, None]).squeeze(1).clamp(-1, 1))
-        logits = self.s * self.margin_logits(cos, labels)
-        loss = F.cross_entropy(logits, labels, reduction=reduction)
-        return (loss, logits.detach()) if with_logits else loss
+        loss = self.loss_from_cosines(cos, labels, reduction)
+        return (loss, self.s * self.margin_logits(cos.detach(), labels)) if with_logits else loss
 
     def fusable(self) -> bool:
         """Whether the fused kernel computes this head's logits: its negatives are the identity, or
@@ -329,15 +336,20 @@ class NPT(Head):
         cos_y = cos.gather(1, labels[:, None])
         return cos.scatter(1, labels[:, None], cos_y - self.inner_margin)
 
+    def _hinge(self, cos: torch.Tensor, cos_y: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+        negatives = cos.scatter(1, labels[:, None], float("-inf"))  # the target is never a negative
+        nearest = negatives.topk(self.k, dim=1).values
+        hinge = (nearest - cos_y[:, None] + self.inner_margin).clamp(min=0)
+        return _reduce(2 * self.r**2 * hinge.sum(1), reduction)
+
+    def loss_from_cosines(self, cos: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return self._hinge(cos, cos.gather(1, labels[:, None]).squeeze(1), labels, reduction)
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         labels = _check(x, labels, self.weight, reduction)
         xn = F.normalize(self._input(x), dim=1)
         cos = CosineLinear.apply(xn, self.weight).to(accumulation_dtype(self.weight.dtype))
-        cos_y = self.target_cosine(xn, labels)
-        cos = cos.scatter_(1, labels[:, None], float("-inf"))  # never a negative
-        nearest = cos.topk(self.k, dim=1).values
-        hinge = (nearest - cos_y[:, None] + self.inner_margin).clamp(min=0)
-        return _reduce(2 * self.r**2 * hinge.sum(1), reduction)
+        return self._hinge(cos, self.target_cosine(xn, labels), labels, reduction)
 
 
 HEADS: dict[str, type[Head]] = {}

@@ -6,7 +6,18 @@ import math
 import pytest
 import torch
 
-from frlab.data import ORL_TEST, ORL_TRAIN, Const, Group, Normal, SynthFaces, hash_uniform, materialize, orl_faces
+from frlab.data import (
+    ORL_TEST,
+    ORL_TRAIN,
+    Const,
+    Group,
+    Normal,
+    SynthFaces,
+    hash_uniform,
+    materialize,
+    orl_faces,
+    synth,
+)
 from frlab.train import pk_batches
 
 
@@ -25,61 +36,105 @@ def test_same_seed_same_bytes_in_any_batch():
 
 
 def test_large_batches_render_in_blocks_with_the_same_images(monkeypatch):
-    from frlab.data import synth
+    from frlab.data import face3d
 
     faces = SynthFaces(range(5), images_per_identity=4, size=32, seed=1)
-    monkeypatch.setattr(synth, "CPU_BLOCK_PIXELS", 3 * 32 * 32)  # blocks of 3, 3, 3, 3, 3, 3 and 2 images
+    monkeypatch.setattr(face3d, "CPU_BLOCK_PIXELS", 3 * 32 * 32)  # blocks of 3, 3, 3, 3, 3, 3 and 2 images
     blocked, _, _ = faces.batch(torch.arange(20))
-    monkeypatch.setattr(synth, "CPU_BLOCK_PIXELS", 1 << 40)
+    monkeypatch.setattr(face3d, "CPU_BLOCK_PIXELS", 1 << 40)
     whole, _, _ = faces.batch(torch.arange(20))
     alone = torch.cat([faces.batch([i])[0] for i in range(20)])
     torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
     torch.testing.assert_close(blocked, alone, atol=1e-6, rtol=0)
 
 
-def soft_ellipse_reference(size, roll, cx, cy, rx, ry, gain, shear, bend):
-    """The renderer's soft ellipse, pixel by pixel in float64 on the rolled grid: one image."""
+def _factors(faces, index):
+    """Identity factors and nuisances of samples `index`, as the renderer takes them."""
+    meta = faces.meta_of(torch.as_tensor(index))
+    return faces.identity_factors(meta["label"]), {k: meta[k] for k in synth.NUISANCES}
+
+
+def test_the_ray_cast_finds_the_first_surface_a_ray_meets():
+    """Against a brute-force march along every pixel's ray in float64: the camera depth at which
+    the ray first enters any skin primitive (the union of cranium, lower face, nose and ears)."""
+    from frlab.data import face3d
+
+    size = 24
+    faces = SynthFaces(range(4), images_per_identity=3, size=size, seed=5)
+    identity, nuis = _factors(faces, torch.arange(12))
+    ray = face3d.cast(identity, nuis, size)
+    f, n = face3d._factors(identity, nuis)
+    geo = face3d.geometry(f)
     t = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
-    gy, gx = torch.meshgrid(-t, t, indexing="ij")  # y up
-    c, s = math.cos(roll), math.sin(roll)
-    x, y = gx * c - gy * s, gx * s + gy * c
-    yy = y - cy - shear * (x - cx) - bend * (x - cx) ** 2
-    d = torch.sqrt(((x - cx) / rx) ** 2 + (yy / ry) ** 2)  # 1 on the outline
-    r = min(rx, ry) * size / 2  # the smaller radius in pixels
-    return torch.sigmoid(r * (1 - d)) * min(r, 1.0) * gain
+    s = torch.linspace(2.0, -2.0, 4001, dtype=torch.float64)  # camera depths, front to back
+    for b in range(12):
+        M = face3d.rotation(
+            torch.deg2rad(n["yaw"].view(-1)[b : b + 1]).double(), torch.deg2rad(n["pitch"].view(-1)[b : b + 1]).double()
+        )[0]
+        roll = math.radians(float(n["roll"].view(-1)[b]))
+        ti, tj = torch.meshgrid(t, t, indexing="ij")
+        x, y = tj * math.cos(roll) + ti * math.sin(roll), tj * math.sin(roll) - ti * math.cos(roll)
+        P = torch.stack(torch.broadcast_tensors(x[..., None], y[..., None], s), -1)  # (S, S, steps, 3) camera points
+        Q = P @ M  # head points: M^T p for each row vector p
+        inside = torch.zeros(Q.shape[:-1], dtype=torch.bool)
+        for name in face3d.SKIN:
+            c, a = (v[b].double() for v in geo[name])
+            inside |= (((Q - c) / a) ** 2).sum(-1) <= 1
+        entered = inside.any(-1)
+        first = s[inside.float().argmax(-1)]  # the front-most depth inside
+        skin = ray["winner"][b] != face3d.PRIMITIVES.index("hair")  # (where hair is in front, skin is not seen)
+        hit = (ray["depth"][b] > -1e3) & skin
+        assert ((entered != hit) & skin).float().mean() < 0.01  # the silhouettes agree, but for grazing pixels
+        both = entered & hit
+        assert both.float().mean() > 0.2
+        torch.testing.assert_close(ray["depth"][b][both].double(), first[both], atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("size", [32, 64])
-def test_ellipses_painted_from_lines_match_the_pixelwise_formula(size):
-    """The painter gets each ellipse as row + column lines (affine in the pixel); every ellipse, the
-    sheared brows and the bent mouth included, must be the soft ellipse of the plain formula."""
-    from frlab.data import synth
+def test_a_face_turned_the_other_way_is_its_mirror_image():
+    """The head and its features are left-right symmetric: yaw -a under light from -b is the mirror
+    image of yaw a under light from b, to float rounding. (This checks the whole 3-D pipeline: the
+    ray cast, the normals, the features and the hair.)"""
+    faces = SynthFaces(range(3), size=48, seed=2)
+    for label, (yaw, light) in enumerate([(35.0, 50.0), (70.0, -20.0), (-15.0, 30.0)]):
+        kw = dict(pitch=12.0, expression=0.6, light_strength=0.8, glasses=float(label == 1), mask=float(label == 2))
+        right = faces.render(label, yaw=yaw, light_azimuth=light, **kw)
+        left = faces.render(label, yaw=-yaw, light_azimuth=-light, **kw)
+        torch.testing.assert_close(left, right.flip(2), atol=2e-5, rtol=0)
 
-    g = torch.Generator().manual_seed(size)
-    B, E = 6, len(synth.ELLIPSES)
-    U = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=torch.float64)
-    roll = U(-0.5, 0.5, B, 1, 1)
-    p = {
-        "cx": U(-0.6, 0.6, B, E, 1),
-        "cy": U(-0.6, 0.6, B, E, 1),
-        "rx": U(0.01, 0.5, B, E, 1),
-        "ry": U(0.01, 0.5, B, E, 1),
-        "gain": U(0, 1, B, E, 1),
-        "shear": U(-2, 2, B, E, 1),
-    }
-    bend = U(-3, 3, B, 1, 1)
-    m = synth.ELLIPSES.index("mouth")
-    p["cx"][:, synth.ELLIPSES.index("gap")] = p["cx"][:, m]  # the mouth and its gap share a centre
-    t = ((torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1).view(1, 1, size)
-    cos, sin = torch.cos(roll), torch.sin(roll)
-    L = synth._frames(t, cos, sin, size / 2, *p.values(), bend)
-    L["mouth_x"] = synth._line(t, cos, sin, 1.0, 0.0, -p["cx"][:, m : m + 1]).squeeze(1)
-    for k, name in enumerate(synth.ELLIPSES):
-        got = synth._alpha(L, name)
-        for i in range(B):
-            bent = float(bend[i]) if name in ("mouth", "gap") else 0.0
-            expected = soft_ellipse_reference(size, float(roll[i]), *(float(v[i, k]) for v in p.values()), bent)
-            torch.testing.assert_close(got[i], expected, atol=1e-9, rtol=0, msg=f"{name}, image {i}")
+
+def test_roll_turns_the_face_in_the_image():
+    """Rolled by 90 degrees, every pixel centre lands on a pixel centre: where the head covers a
+    pixel fully (no background shows), the rolled face is the upright one turned by a quarter
+    (unlit: the light stays with the camera while the face turns)."""
+    from frlab.data import face3d
+
+    faces = SynthFaces(range(2), size=40, seed=3)
+    for label in range(2):
+        pose = {"yaw": 25.0, "pitch": -10.0, "light_strength": 0.0, "expression": 0.5}
+        upright = faces.render(label, **pose)
+        rolled = faces.render(label, roll=90.0, **pose)
+        cover = face3d.cast(faces.identity_factors(torch.tensor([label])), faces._explicit(pose, "cpu"), 40)[
+            "coverage"
+        ][0]
+        full = torch.rot90(cover > 0.999, -1, (0, 1))  # rolled[i, j] shows upright[S - 1 - j, i]
+        assert full.float().mean() > 0.3
+        torch.testing.assert_close(rolled[:, full], torch.rot90(upright, -1, (1, 2))[:, full], atol=1e-4, rtol=0)
+
+
+def test_soft_ellipses_on_the_surface_match_the_formula():
+    from frlab.data import face3d
+
+    g = torch.Generator().manual_seed(0)
+    qx, qy = (torch.rand(3, 20, 20, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
+    cx, cy, rx, ry, shear = (
+        torch.rand(3, 1, 1, generator=g, dtype=torch.float64) * k + o
+        for k, o in ((0.6, -0.3), (0.6, -0.3), (0.4, 0.02), (0.4, 0.02), (2.0, -1.0))
+    )
+    got = face3d._ellipse(qx, qy, cx, cy, rx, ry, 16.0, shear)
+    r = torch.minimum(rx, ry)
+    dist2 = ((qx - cx) / rx) ** 2 + ((qy - cy - shear * (qx - cx)) / ry) ** 2  # 1 on the outline
+    want = (r * 16.0 * (1 - dist2) / 2 + 0.5).clamp(0, 1) * (r * 16.0).clamp(max=1.0)  # (r - rho) sharp at the outline
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
 def test_other_seed_other_faces():
@@ -147,13 +202,18 @@ def test_metadata_and_difficulty():
 
 
 def test_groups_follow_weights_and_differ_in_spread():
-    groups = [Group("a", weight=3, spread=1.0), Group("b", weight=1, spread=0.3, skin=(0.5, 0.35, 0.25))]
+    groups = [Group("a", weight=3, spread=1.0), Group("b", weight=1, spread=0.3)]
     faces = SynthFaces(range(2000), seed=0, groups=groups)
     share = float((faces.meta["group"][:: faces.images_per_identity] == 1).float().mean())
     assert 0.2 < share < 0.3
     factors = faces._identity
     g = factors["group"]
     assert factors["eye_x"][g == 1].std() < 0.5 * factors["eye_x"][g == 0].std()
+    # skin tone has nothing to do with the group: both span the same light-to-dark range alike
+    tone = factors["skin"].mean(1)
+    for q in (0.1, 0.5, 0.9):
+        assert abs(float(tone[g == 0].quantile(q) - tone[g == 1].quantile(q))) < 0.05, q
+    assert float(tone.min()) < 0.3 and float(tone.max()) > 0.75
 
 
 @pytest.mark.parametrize("size", [32, 64, 112])

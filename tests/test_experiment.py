@@ -1,9 +1,10 @@
 """The recipes notebooks share: disjoint identities, one evaluation, one cached baseline."""
 
+import pytest
 import torch
 
 from frlab import experiment
-from frlab.data import Const
+from frlab.data import Const, materialize
 
 
 def test_split_identities_are_disjoint_and_the_evaluation_covers_every_subset(tmp_path, monkeypatch):
@@ -38,3 +39,67 @@ def test_metric_is_nan_where_a_subset_cannot_resolve_a_level():
     assert experiment.metric(report, "all", "tpr@fpr=1e-02") == 0.5
     assert torch.isnan(torch.tensor(experiment.metric(report, "hard", "tpr@fpr=1e-02")))
     assert torch.isnan(torch.tensor(experiment.metric(report, "all", "tpr@fpr=1e-04")))
+
+
+def test_degraded_photos_take_the_renderers_camera_and_occlusions():
+    from frlab.data import Bernoulli, Const, Nuisance
+    from frlab.data.orl import orl_photos
+
+    photos = orl_photos([3])
+    same = experiment.degrade_photos(photos, ())
+    assert same.images.shape == (10, 3, 112, 92)
+    assert torch.equal(same.images, photos.images.expand(-1, 3, -1, -1))  # no factor: the photos, in RGB
+    low = experiment.degrade_photos(photos, ("resolution",), Nuisance(resolution=Const(4.0)))
+    assert (low.images.float() - same.images.float()).abs().mean() > 2  # a quarter of the pixels per side: blurred
+    assert torch.equal(
+        low.images, experiment.degrade_photos(photos, ("resolution",), Nuisance(resolution=Const(4.0))).images
+    )
+    masked = experiment.degrade_photos(photos, ("mask",), Nuisance(mask=Bernoulli(1.0)))
+    changed = (masked.images.float() - same.images.float()).abs().sum(1) > 0
+    nose_y = photos.meta["landmarks"][:, 2, 1]
+    rows = changed.any(2)  # (N, H): which rows the mask touched
+    first = rows.float().argmax(1)
+    assert (first.float() > nose_y).all() and rows.any(1).all()  # below the nose tip, on every photo
+    half = experiment.degrade_photos(photos, (), scale=0.5)
+    assert half.images.shape == (10, 3, 56, 46)
+    torch.testing.assert_close(half.meta["landmarks"], (photos.meta["landmarks"] + 0.5) * 0.5 - 0.5)
+    grey = experiment.greyscale(
+        experiment.degrade_photos(photos, ("white_balance",), Nuisance(white_balance=Const(0.2)))
+    )
+    assert torch.equal(grey.images[:, 0], grey.images[:, 2])
+
+
+def test_gallery_and_probes_at_fixed_resolutions():
+    from frlab.data import Nuisance, SynthFaces
+
+    faces = SynthFaces(range(5), images_per_identity=3, size=32, seed=1)
+    levels = experiment.at_resolutions(faces, (1, 4))
+    assert set(levels) == {1.0, 4.0} and float(levels[4.0].meta["resolution"].unique()) == 4.0
+    assert torch.equal(levels[4.0].meta["yaw"], faces.meta["yaw"])  # only the resolution changed
+    gallery = materialize(
+        SynthFaces(range(5), images_per_identity=1, size=32, seed=1, nuisance=Nuisance.frontal()), progress=False
+    )
+    probes = materialize(levels[1.0], progress=False)
+
+    class Oracle(torch.nn.Module):  # a model that knows the identity: one-hot embeddings from the image's label
+        def embed_faces(self, data, device="cpu"):
+            return torch.nn.functional.one_hot(data.labels, 5).float()
+
+    out = experiment.gallery_probe(Oracle(), gallery, probes)
+    assert out["rank1"] == 1.0 and out["auc"] == 1.0
+
+
+def test_gradient_share_sits_on_the_k_nearest_negatives_for_npt():
+    from frlab import eval as ev
+    from frlab import heads
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 10, (64,))
+    assert ev.gradient_share(heads.NPT(8, 10, k=1, delta=3.0), x, y, tops=(1,))["top1"] == 1.0
+    share = ev.gradient_share(heads.NPT(8, 10, k=3, delta=3.0), x, y, tops=(1, 3))
+    assert share["top3"] == 1.0 and share["top1"] < 0.5  # spread evenly over the three nearest
+    soft = ev.gradient_share(heads.NormFace(8, 10, s=4.0), x, y, tops=(1, 9))
+    assert 0.1 < soft["top1"] < 0.9 and soft["top9"] == pytest.approx(1.0)
+    head = heads.CosFace(8, 10).double()
+    ev.gradient_share(head, x, y)
+    assert head.weight.dtype == torch.float64  # the caller's head is left as it was

@@ -518,3 +518,26 @@ def test_out_of_range_and_wrongly_typed_hyper_parameters_are_refused(make_head, 
 def test_register_refuses_what_is_not_a_head():
     with pytest.raises(TypeError, match="Head subclasses"):
         heads.register(torch.nn.Linear)
+
+
+@pytest.mark.parametrize(
+    "name", ["normface", "cosface", "arcface", "curricular_t05", "npt", "npt_k3_r2", "custom_target"]
+)
+def test_the_loss_as_a_function_of_the_cosines_is_the_loss(name):
+    head, x, y = make(name)
+    head = head.double().eval()
+    cos = head.logits(x.double()).detach().requires_grad_()
+    via_cos = head.loss_from_cosines(cos, y)
+    torch.testing.assert_close(via_cos, head(x.double(), y), rtol=1e-9, atol=1e-9)
+    (grad,) = torch.autograd.grad(via_cos, cos)
+    assert torch.isfinite(grad).all()
+    if name.startswith(
+        "npt"
+    ):  # NPT's logit gradients: +2 r^2 on each active top-k proxy, -2 r^2 per active one on the target
+        unit = 2 * head.r**2 / len(y)
+        pushed = grad.clamp(min=0)
+        assert torch.allclose(pushed[pushed > 0], torch.full_like(pushed[pushed > 0], unit))
+        assert ((pushed > 0).sum(1) <= head.k).all()
+        torch.testing.assert_close(grad.gather(1, y[:, None]).squeeze(1), -(pushed > 0).sum(1).double() * unit)
+    with pytest.raises(NotImplementedError):
+        heads.Softmax(8, 6).loss_from_cosines(cos, y)
