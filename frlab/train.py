@@ -405,10 +405,16 @@ def fit_cached(
 ) -> Trainer:
     """Train (or reload) model, head and terms. The cache file (under `paths.cache("models")` unless
     `cache_dir` is given) is keyed by `cache_key`; it is a finished checkpoint, so an interrupted
-    training resumes where it stopped. Keyword arguments go to `Trainer`."""
+    training resumes where it stopped. `track` is not in the key (it changes no weight), but a
+    cached run whose history lacks a tracked quantity is trained again, so the history has it.
+    Keyword arguments go to `Trainer`."""
     key = cache_key(name, model, head, data, cfg, kw.get("extra"), kw.get("transforms", ()), kw.get("views"))
     path = Path(cache_dir if cache_dir is not None else paths.cache("models")) / f"{key}.pt"
     trainer = Trainer(model, head, data, replace(cfg, checkpoint=str(path)), **kw)
+    if trainer.track and path.exists():
+        history = torch.load(path, map_location="cpu", weights_only=True)["history"]
+        if not all(k in row for row in history for k in trainer.track):
+            path.unlink()
     trainer.fit()
     return trainer
 

@@ -240,6 +240,24 @@ def test_fit_cached_trains_once(tmp_path):
     assert len(list(tmp_path.glob("toy-*.pt"))) == 2
 
 
+def test_fit_cached_trains_again_when_the_cached_history_lacks_a_tracked_quantity(tmp_path):
+    model, head = small_setup()
+    fit_cached("toy", model, head, DATA, cfg(epochs=1), cache_dir=tmp_path)
+    calls = []
+
+    def norm(tr):
+        calls.append(tr.step)
+        return float(tr.head.weight.norm())
+
+    model2, head2 = small_setup()
+    tracked = fit_cached("toy", model2, head2, DATA, cfg(epochs=1), cache_dir=tmp_path, track={"norm": norm})
+    assert calls and all("norm" in row for row in tracked.history)
+    model3, head3 = small_setup()
+    again = fit_cached("toy", model3, head3, DATA, cfg(epochs=1), cache_dir=tmp_path, track={"norm": norm})
+    assert len(calls) == len(tracked.history), "the tracked run is cached: no second training"
+    assert again.history == tracked.history
+
+
 def test_mixed_batches_hold_p_x_k_and_terms_see_the_augmented_images():
     spy = Spy()
     model, head = small_setup()
