@@ -171,6 +171,40 @@ def gradient_share(head, embeddings: torch.Tensor, labels: torch.Tensor, tops=(1
     return out
 
 
+def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs of
+    the values a and b."""
+    if a.numel() == 0 or b.numel() == 0:
+        raise ValueError("ks_distance needs values on both sides")
+    a, b = a.double().flatten().sort().values, b.double().flatten().sort().values
+    grid = torch.cat([a, b])
+    cdf_a = torch.searchsorted(a, grid, right=True).double() / len(a)
+    cdf_b = torch.searchsorted(b, grid, right=True).double() / len(b)
+    return float((cdf_a - cdf_b).abs().max())
+
+
+def group_dependence(
+    values: torch.Tensor, groups: torch.Tensor, permutations: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Does the distribution of `values` depend on the group? Returns (d, p): d, the largest KS
+    distance between one group's values and the other groups' together; p, its permutation
+    p-value, the share of random relabellings of the groups (and the observed one) whose d is at
+    least as large. A small p says the groups differ; a large one that no difference shows."""
+    values, groups = values.flatten(), groups.flatten()
+    if values.shape != groups.shape or len(torch.unique(groups)) < 2:
+        raise ValueError("group_dependence needs one group per value and at least two groups")
+    if permutations < 1:
+        raise ValueError(f"permutations must be at least 1, got {permutations}")
+
+    def largest(g):
+        return max(ks_distance(values[g == k], values[g != k]) for k in torch.unique(g))
+
+    d = largest(groups)
+    gen = torch.Generator().manual_seed(seed)
+    null = [largest(groups[torch.randperm(len(groups), generator=gen)]) for _ in range(permutations)]
+    return d, (1 + sum(x >= d - 1e-12 for x in null)) / (1 + permutations)
+
+
 def tangent_offsets(zc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One class's unit features (n, D) in the tangent plane at their normalized mean mu, by the
     sphere's log map v_i = theta_i / sin(theta_i) * (z_i - cos(theta_i) mu); returns v (n, D) and

@@ -121,3 +121,29 @@ def test_class_spectra_against_a_naive_tangent_projection():
     assert float(out["mean_angle"][1]) == pytest.approx(
         float(torch.stack([torch.acos(torch.clamp(zi @ m, -1, 1)) for zi in z]).mean())
     )
+
+
+def test_ks_distance_against_a_loop_over_every_threshold():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(37, generator=g), torch.randn(23, generator=g) + 0.4
+    a[:5] = b[:5]  # ties across the two samples
+    cdf = lambda x, t: sum(float(v) <= t for v in x) / len(x)  # noqa: E731
+    naive = max(abs(cdf(a, float(t)) - cdf(b, float(t))) for t in torch.cat([a, b]))
+    assert ev.ks_distance(a, b) == pytest.approx(naive, abs=1e-12)
+    assert ev.ks_distance(a, a) == 0.0
+    assert ev.ks_distance(torch.zeros(3), torch.ones(4)) == 1.0
+    with pytest.raises(ValueError, match="both sides"):
+        ev.ks_distance(a, torch.zeros(0))
+
+
+def test_group_dependence_finds_a_shift_and_not_a_relabelling():
+    g = torch.Generator().manual_seed(0)
+    groups = torch.arange(300) % 3
+    same = torch.rand(300, generator=g)
+    d, p = ev.group_dependence(same, groups, permutations=300)
+    assert p > 0.05 and d < 0.25
+    shifted = same + 0.3 * (groups == 1)
+    d_shift, p_shift = ev.group_dependence(shifted, groups, permutations=300)
+    assert p_shift < 0.01 and d_shift > d
+    with pytest.raises(ValueError, match="two groups"):
+        ev.group_dependence(same, torch.zeros(300, dtype=torch.long))
