@@ -8,8 +8,10 @@
 Every row is a time next to the baseline it should be compared with, measured in the same run:
 margin heads against the bare classifier (linear + cross-entropy on the same shapes), ROC metrics
 against one sort of the scores, rank-1 identification against the bare matrix product, the
-trainer against a hand-written loop. Peak memory is the growth of the resident set while one
-forward + backward runs in a fresh process (Linux; large tensors are mmap'd, so RSS tracks them).
+trainer against a hand-written loop, a training step with the OTFace term against the step
+without it, batched Sinkhorn against POT's loop over the same problems. Peak memory is the
+growth of the resident set while one forward + backward runs in a fresh process (Linux; large
+tensors are mmap'd, so RSS tracks them).
 Results go to runs/bench/<time>.json and runs/bench/latest.{json,md}, and a full run (no --only,
 no --quick) also to runs/bench/full.md, which `python -m frlab report --readme README.md` copies
 into the README. Benchmarks are not tests: nothing here asserts a time.
@@ -353,6 +355,81 @@ def bench_render(batch: int = 256, batches: int = 8):
     ]
 
 
+def bench_otface(problems: int = 256, side: int = 7, channels: int = 64):
+    """OTFace: the term's share of a training step at notebook 08's default size (ArcFace on
+    P x K batches of 64, ir8/2 at 64 px: 4 x 4 cells), and batched Sinkhorn against POT's
+    `ot.sinkhorn2` (log method) looped over the same problems (the release's eps = 1, 10 iterations)."""
+    import numpy as np
+    import ot
+
+    from frlab.losses import OTFace, sinkhorn
+
+    data = materialize(SynthFaces(range(100), images_per_identity=10, size=64), progress=False)
+    steps = {}
+    for name, term in (
+        ("none", None),
+        ("released", OTFace()),
+        ("plan", OTFace(eps=0.1, iters=30, mode="log", grad="plan")),
+    ):
+        torch.manual_seed(0)
+        model = models.iresnet("ir8", width=0.5, input_size=64, embedding_size=64)
+        cfg = train.TrainConfig(epochs=1, batch_size=64, sampler="pk", progress=False)
+        trainer = train.Trainer(
+            model, heads.ArcFace(64, 100, s=16, m=0.45), data, cfg, extra={"ot": term} if term else {}
+        )
+        batches = trainer.batches(0)[:4]
+        steps[name] = lambda trainer=trainer, batches=batches: [trainer.train_step(i) for i in batches]
+    t = timeit_interleaved(steps, reps=5)
+    size = "4 steps, ArcFace, ir8/2 at 64 px, P x K 16 x 4"
+    rows = [
+        {"what": "training step, ArcFace alone", "size": size, "seconds": t["none"], "baseline": "-", "ratio": 1.0},
+        {
+            "what": "ArcFace + OTFace (released: eps 1, 10 it., unrolled)",
+            "size": size,
+            "seconds": t["released"],
+            "baseline": "ArcFace alone",
+            "ratio": t["released"] / t["none"],
+            "note": "target <= 1.15x",
+        },
+        {
+            "what": "ArcFace + OTFace (eps 0.1, 30 it., plan gradient)",
+            "size": size,
+            "seconds": t["plan"],
+            "baseline": "ArcFace alone",
+            "ratio": t["plan"] / t["none"],
+        },
+    ]
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(problems, side * side, channels, generator=g, dtype=torch.float64), dim=-1)
+    y = F.normalize(torch.randn(problems, side * side, channels, generator=g, dtype=torch.float64), dim=-1)
+    cost = 1 - x @ y.transpose(1, 2)
+    a = np.full(side * side, 1 / (side * side))
+    costs = [c.numpy() for c in cost]
+
+    def pot():
+        return [
+            ot.sinkhorn2(a, a, c, 1.0, method="sinkhorn_log", numItermax=10, stopThr=0.0, warn=False) for c in costs
+        ]
+
+    def batched():
+        return (sinkhorn(cost, 1.0, 10) * cost).sum((-2, -1))
+
+    t = timeit_interleaved({"pot": pot, "frlab": batched}, reps=5)
+    size = f"{problems} problems of {side * side} x {side * side}, eps 1, 10 it., fp64"
+    rows += [
+        {"what": "POT ot.sinkhorn2 (log), a loop", "size": size, "seconds": t["pot"], "baseline": "-", "ratio": 1.0},
+        {
+            "what": "frlab sinkhorn, one batched call",
+            "size": size,
+            "seconds": t["frlab"],
+            "baseline": "POT loop",
+            "ratio": t["frlab"] / t["pot"],
+            "note": f"{t['pot'] / t['frlab']:.0f}x faster (target 20x)",
+        },
+    ]
+    return rows
+
+
 def notebook_times():
     """Wall time of each notebook's latest smoke and default run found under runs/."""
     rows = []
@@ -425,7 +502,7 @@ def main() -> int:
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated: heads, cuda, verification, identification, trainer, render, notebooks",
+        help="comma-separated: heads, cuda, verification, identification, trainer, render, otface, notebooks",
     )
     ap.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -440,6 +517,7 @@ def main() -> int:
         "identification": lambda: bench_identification(100_000 if args.quick else 1_000_000),
         "trainer": bench_trainer,
         "render": bench_render,
+        "otface": bench_otface,
         "notebooks": notebook_times,
     }
     chosen = [s for s in args.only.split(",") if s] or list(suites)

