@@ -2,11 +2,14 @@
 
     python -m frlab run NOTEBOOK... [-p NAME VALUE]... [--smoke] [--out DIR]
     python -m frlab run --all [--smoke]
+    python -m frlab params NOTEBOOK                 # its parameters: names, types, defaults, smoke values
     python -m frlab report [--readme README.md]     # the results section, from the latest full runs
 
 Parameters are checked against each notebook's typed `parameters` cell before any kernel starts.
 Each run writes runs/<notebook>/<run-id>/ with the executed notebook, params.json (values, seed,
-versions, git commit, wall time), the metrics.json and figures/ the notebook itself writes.
+versions, git commit, wall time, status: ok, failed or interrupted), the kernel's stderr
+(kernel.log; the runner prints its lines except known noise), and the metrics.json and figures/
+the notebook itself writes. Ctrl-C stops the run with one line and exit code 130.
 """
 
 from __future__ import annotations
@@ -122,6 +125,31 @@ def new_run_dir(out: Path, stem: str, smoke: bool) -> Path:
     raise RuntimeError(f"could not create a run folder under {out / stem}")
 
 
+KERNEL_NOISE = ("Kernel is running over TCP without encryption",)  # what every kernel prints: not news
+
+
+def _kernel_manager(log: Path):
+    """A kernel manager whose kernel writes its stderr to `log` (in the run folder), so that the
+    runner can show what is news and drop what every kernel prints."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LoggedKernel(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            with open(log, "ab") as f:  # the child keeps its own copy of the descriptor
+                kw["stderr"] = f
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return LoggedKernel
+
+
+def kernel_news(log: Path) -> list[str]:
+    """The lines of a kernel's stderr log that are not known noise."""
+    if not log.exists():
+        return []
+    lines = log.read_text(errors="replace").splitlines()
+    return [line for line in lines if line.strip() and not any(n in line for n in KERNEL_NOISE)]
+
+
 def execute(p: Plan, out: Path) -> Result:
     import papermill as pm
 
@@ -147,17 +175,15 @@ def execute(p: Plan, out: Path) -> Result:
             kernel_name="python3",
             cwd=str(p.notebook.parent),
             progress_bar=sys.stderr.isatty(),
+            kernel_manager_class=_kernel_manager(run_dir / "kernel.log"),
         )
-    except pm.PapermillExecutionError as e:
-        # papermill inserts one `injected-parameters` cell after the parameters cell: map back to
-        # the cell number (1-based, markdown included) of the notebook the user edits
-        cell = e.cell_index if e.cell_index <= p.params_cell else e.cell_index - 1
-        first = (e.source or "").strip().splitlines()[:1]
-        error = (
-            f"cell {cell + 1} (In [{e.exec_count}] of the executed notebook"
-            + (f", starting `{first[0][:60]}`" if first else "")
-            + f") raised {e.ename}: {e.evalue}"
-        )
+    except (KeyboardInterrupt, pm.PapermillExecutionError) as e:
+        if isinstance(e, pm.PapermillExecutionError) and e.ename != "KeyboardInterrupt":
+            error = _cell_error(e, p)
+        else:  # Ctrl-C, seen by the runner or first by the kernel
+            meta.update(wall_s=round(time.perf_counter() - t0, 2), status="interrupted", error="interrupted")
+            write_json(run_dir / "params.json", meta)
+            raise KeyboardInterrupt from None
     except Exception as e:  # kernel died, notebook unreadable, ...
         error = f"{type(e).__name__}: {e}"
     wall = time.perf_counter() - t0
@@ -167,6 +193,19 @@ def execute(p: Plan, out: Path) -> Result:
     if (run_dir / "metrics.json").exists():
         headline = json.loads((run_dir / "metrics.json").read_text()).get("headline", {})
     return Result(p.notebook.stem, run_dir, not error, wall, headline, error)
+
+
+def _cell_error(e, p: Plan) -> str:
+    """Which cell failed and how, in the numbering of the notebook the user edits: papermill
+    inserts one `injected-parameters` cell after the parameters cell (cells count 1-based,
+    markdown included)."""
+    cell = e.cell_index if e.cell_index <= p.params_cell else e.cell_index - 1
+    first = (e.source or "").strip().splitlines()[:1]
+    return (
+        f"cell {cell + 1} (In [{e.exec_count}] of the executed notebook"
+        + (f", starting `{first[0][:60]}`" if first else "")
+        + f") raised {e.ename}: {e.evalue}"
+    )
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -209,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="root folder of the runs (default: runs/ of the workbook, see frlab.paths)",
     )
+    pp = sub.add_parser("params", help="list a notebook's parameters: name, type, default, smoke value")
+    pp.add_argument("notebook", metavar="NOTEBOOK", help="path, file name or stem (00_quickstart, quickstart)")
     rp = sub.add_parser("report", help="the results section, generated from the latest full run of each notebook")
     rp.add_argument("--runs", type=Path, default=None, help="root folder of the runs (default: runs/ of the workbook)")
     rp.add_argument("--readme", type=Path, default=None, help="also replace the results block of this README")
@@ -216,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("papermill").setLevel(logging.WARNING)
     if args.cmd == "report":
         return report_main(args)
+    if args.cmd == "params":
+        return params_main(args.notebook)
 
     try:
         names = [resolve(n) for n in args.notebooks]
@@ -233,7 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for i, p in enumerate(plans, 1):
         print(f"[{i}/{len(plans)}] {p.notebook.stem}{' (smoke)' if p.smoke else ''} ...", flush=True)
-        res = execute(p, out)
+        try:
+            res = execute(p, out)
+        except KeyboardInterrupt:
+            print(f"interrupted: {p.notebook.stem}; its run folder is marked so", file=sys.stderr)
+            return 130
+        for line in kernel_news(res.run_dir / "kernel.log"):
+            print(f"  kernel: {line}", file=sys.stderr)
         results.append(res)
         status = "ok" if res.ok else f"FAILED: {res.error}"
         print(f"[{i}/{len(plans)}] {res.notebook}: {status} in {res.wall_s:.1f} s -> {res.run_dir}", flush=True)
@@ -245,6 +294,26 @@ def main(argv: list[str] | None = None) -> int:
     for r in failed:
         print(f"error: {r.notebook} failed in {r.error}; see {r.run_dir / (r.notebook + '.ipynb')}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def params_main(name: str) -> int:
+    """Print a notebook's parameters as a table, without starting a kernel."""
+    try:
+        nb = resolve(name)
+        params = parse_parameters(parameters_cell(json.loads(nb.read_text())))
+    except (ParameterError, OSError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = [("name", "type", "default", "smoke")] + [
+        (p.name, p.type, repr(p.default), repr(p.smoke) if p.has_smoke else "")
+        for p in params.values()
+        if p.name != "run_dir"
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print(f"{nb.stem}: python -m frlab run {nb.stem} -p NAME VALUE ... [--smoke]")
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
 
 
 def report_main(args) -> int:

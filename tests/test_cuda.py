@@ -101,3 +101,26 @@ def test_trainer_step_with_bf16_autocast_moves_every_registered_module():
     history = trainer.fit()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert {t.device.type for t in trainer.net.state_dict().values()} == {torch.device(DEVICE).type}
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"mode": "log", "eps": 0.1, "iters": 20}, {"mode": "log", "eps": 0.01, "iters": 50, "grad": "plan"}]
+)
+def test_otface_and_both_sinkhorn_paths(kw):
+    """OTFace on feature maps: the released update, the plain-domain log path (eps 0.1) and the
+    log-domain path (eps 0.01), the same value and feature-map gradient on DEVICE as on the CPU."""
+    from frlab.losses import OTFace
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.relu(torch.randn(16, 32, 4, 4, generator=g))
+    emb = torch.randn(16, 8, generator=g)
+    labels = torch.arange(4).repeat_interleave(4)
+    results = []
+    for dev in ("cpu", DEVICE):
+        f = features.to(dev).requires_grad_()
+        loss = OTFace(**kw).loss(f, emb.to(dev), labels.to(dev))
+        loss.backward()
+        results.append((loss.detach().cpu(), f.grad.cpu()))
+    assert float(results[0][0]) > 0
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-6)

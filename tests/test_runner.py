@@ -1,8 +1,11 @@
 """The runner: parameters are parsed and checked before any kernel starts; errors are one clear line."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +125,20 @@ def test_cli_errors_are_one_line_and_exit_2_without_a_kernel(args, message, tmp_
     assert not any(tmp_path.iterdir()), "nothing may run before the parameters are valid"
 
 
+def test_params_lists_every_parameter_with_type_default_and_smoke_value():
+    r = cli("params", "07_npt")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("07_npt: python -m frlab run 07_npt")
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert rows["epochs"][1:] == ["int", "6", "1"]
+    assert rows["k_values"][1] == "list[int]"
+    assert rows["device"][1:] == ["str", "'cpu'"]  # no smoke value
+    assert "run_dir" not in rows
+    bad = cli("params", "99_nothing")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: no notebook '99_nothing'")
+
+
 FAILING = {
     "cells": [
         {
@@ -172,3 +189,55 @@ def test_failing_cell_is_named_and_exit_is_nonzero(tmp_path):
     # the same notebook passes when the parameter makes it right
     r = cli("run", str(nb), "-p", "x", "2", "--out", str(tmp_path / "runs"))
     assert r.returncode == 0, r.stderr
+
+
+def _notebook(*sources):
+    cells = [
+        {"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [], "source": [src]}
+        for i, src in enumerate(sources)
+    ]
+    cells[0]["metadata"] = {"tags": ["parameters"]}
+    return {**FAILING, "cells": cells}
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_run_marked_interrupted(tmp_path):
+    nb = tmp_path / "01_slow.ipynb"
+    nb.write_text(
+        json.dumps(
+            _notebook('run_dir: str = ""', "import time\nopen(run_dir + '/started', 'w').close()\ntime.sleep(60)")
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "frlab", "run", str(nb), "--out", str(tmp_path / "runs")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, which Ctrl-C signals as a whole
+    )
+    deadline = time.time() + 60
+    while not list((tmp_path / "runs").glob("01_slow/*/started")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("interrupted: 01_slow")
+    assert "Traceback" not in err
+    (run_dir,) = (tmp_path / "runs" / "01_slow").iterdir()
+    assert json.loads((run_dir / "params.json").read_text())["status"] == "interrupted"
+
+
+def test_kernel_noise_is_dropped_and_news_is_shown(tmp_path):
+    nb = tmp_path / "01_news.ipynb"
+    nb.write_text(
+        json.dumps(
+            _notebook('run_dir: str = ""', "import sys\nprint('the kernel has news', file=sys.__stderr__, flush=True)")
+        )
+    )
+    r = cli("run", str(nb), "--out", str(tmp_path / "runs"))
+    assert r.returncode == 0, r.stderr
+    assert "without encryption" not in r.stderr
+    assert "  kernel: the kernel has news" in r.stderr
+    (run_dir,) = (tmp_path / "runs" / "01_news").iterdir()
+    log = (run_dir / "kernel.log").read_text()
+    assert "the kernel has news" in log and "without encryption" in log  # the noise was there, and dropped
