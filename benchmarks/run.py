@@ -40,7 +40,7 @@ from frlab import eval as ev  # noqa: E402
 from frlab import heads, models, paths, train  # noqa: E402
 from frlab.data import SynthFaces, materialize  # noqa: E402
 
-HEADS = ("normface", "cosface", "arcface", "curricularface", "npt")
+HEADS = ("normface", "cosface", "arcface", "curricularface", "npt", "cifp")
 
 
 # ---------------------------------------------------------------- measuring

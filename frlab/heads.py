@@ -352,6 +352,112 @@ class NPT(Head):
         return self._hinge(cos, self.target_cosine(xn, labels), labels, reduction)
 
 
+CIFP_FORMS = ("code", "paper")
+
+
+class CIFP(Head):
+    """CIFP, consistent instance false positive (Xu et al., CVPR 2021, arXiv 2106.05519): a CosFace
+    head whose samples with many false positives are penalized more, so that false positives
+    spread evenly over samples (and over groups the training never sees).
+
+    One unified threshold T_u over the batch makes the overall false-positive rate `far` among the
+    batch's non-target cosines; a sample's false positives are its non-target cosines above T_u.
+    Two forms (`form`), both with CosFace's target s (cos_y - m):
+
+    form="code", Tencent's release (TFace `cifp.py`), the default. Non-target cosines above their
+    own sample's target are left out of the threshold (and are no false positives);
+    k = ceil(far * (number of the others)), far = 1 / (C - 1) unless given; T_u = the k-th largest
+    of the others; false positives: the others above T_u. Penalty
+        p_i = (1 + cos'_y) * mean over i's false positives of v_ij^2   (0 without any),
+    v_ij = cos_ij where cos_ij < cos_y - m, else cos'_ij; a primed cosine is computed with the
+    proxies detached (its gradient reaches the embedding only), as released. The target logit is
+    s (cos_y - m - p_i). Where T_u < 0 (early training), squaring loses the sign: a negative false
+    positive's penalty pulls it up toward 0; the release does this, so frlab does.
+
+    form="paper", frlab's reading of the abstract (no paper body was available here): "a penalty
+    in proportion to the ratio of instance FPR to overall FPR in the denominator of the softmax".
+    T_u from every non-target cosine of the batch (k = ceil(far * B (C - 1)), far = 1e-4 unless
+    given); FPR_i = #(non-target cos_ij > T_u) / (C - 1), r_i = FPR_i / mean_i FPR_i (a count,
+    without gradient); the denominator's non-target sum is scaled by 1 + w r_i (w = penalty_weight):
+        L_i = -log( e^{s(cos_y - m)} / (e^{s(cos_y - m)} + (1 + w r_i) sum_j e^{s cos_j}) ),
+    i.e. log(1 + w r_i) added to each of i's non-target logits.
+
+    Single process: the threshold is over the batch this head sees (the release needs a process
+    group even on one GPU). `reference` is the readable definition; `forward` computes it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.35,
+        form: str = "code",
+        far: float | None = None,
+        penalty_weight: float = 1.0,
+    ):
+        super().__init__(in_features, num_classes)
+        self.s = checks.number("s", s, above=0)
+        self.m = checks.number("m", m, lo=0, below=2)
+        self.form = checks.choice("form", form, CIFP_FORMS)
+        default_far = 1.0 / (num_classes - 1) if form == "code" else 1e-4
+        self.far = default_far if far is None else checks.number("far", far, above=0, hi=1)
+        self.penalty_weight = checks.number("penalty_weight", penalty_weight, lo=0)
+
+    @staticmethod
+    def threshold(values: torch.Tensor, far: float) -> torch.Tensor:
+        """T_u: the k-th largest of `values` (1-D), k = ceil(far * len(values)); +inf when k = 0."""
+        k = math.ceil(far * len(values) - 1e-9)
+        if k <= 0:
+            return values.new_tensor(float("inf"))
+        return values.topk(min(k, len(values))).values[-1]
+
+    def false_positives(self, cos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the false-positive mask (B, C), T_u), without gradient."""
+        with torch.no_grad():
+            target = F.one_hot(labels, self.num_classes).bool()
+            cos_y = cos.gather(1, labels[:, None])
+            pool = ~target & (cos <= cos_y) if self.form == "code" else ~target
+            t_u = self.threshold(cos[pool], self.far)
+            return pool & (cos > t_u), t_u
+
+    def penalty(self, x: torch.Tensor, labels: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        """The code form's p_i (B,), from the normalized embeddings, with the released routing."""
+        fp, _ = self.false_positives(cos, labels)
+        i, j = fp.nonzero(as_tuple=True)
+        w = F.normalize(self.weight, dim=1).to(cos.dtype)
+        xn = F.normalize(x, dim=1).to(cos.dtype)
+        cos_fp = (xn[i] * w[j]).sum(1)  # the false positives' cosines, gathered (about B of them)
+        detached = (xn[i] * w[j].detach()).sum(1)
+        cos_y_detached = (xn * w[labels].detach()).sum(1).clamp(-1, 1)
+        below = cos_fp.detach() < cos.detach().gather(1, labels[:, None]).squeeze(1)[i] - self.m
+        v = torch.where(below, cos_fp, detached)
+        count = fp.sum(1)
+        mean_sq = torch.zeros_like(cos_y_detached).index_add(0, i, v * v) / count.clamp(min=1)
+        return (1 + cos_y_detached) * mean_sq
+
+    def reference(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The definition, with plain autograd over the B x C cosines."""
+        labels = _check(x, labels, self.weight, reduction)
+        x = self._input(x)
+        cos = self.logits(x).to(accumulation_dtype(self.weight.dtype))
+        cos_y = cos.gather(1, labels[:, None]).squeeze(1)
+        logits = cos
+        if self.form == "code":
+            target = cos_y - self.m - self.penalty(x, labels, cos)
+            logits = cos.scatter(1, labels[:, None], target[:, None])
+            return F.cross_entropy(self.s * logits, labels, reduction=reduction)
+        fp, _ = self.false_positives(cos, labels)
+        fpr = fp.sum(1).to(cos.dtype) / (self.num_classes - 1)
+        ratio = fpr / fpr.mean() if bool(fpr.sum() > 0) else torch.zeros_like(fpr)
+        shift = torch.log1p(self.penalty_weight * ratio)[:, None]
+        logits = (self.s * cos + shift).scatter(1, labels[:, None], (self.s * (cos_y - self.m))[:, None])
+        return F.cross_entropy(logits, labels, reduction=reduction)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return self.reference(x, labels, reduction)
+
+
 HEADS: dict[str, type[Head]] = {}
 
 
@@ -364,7 +470,7 @@ def register(cls: type[Head]) -> type[Head]:
     return cls
 
 
-for _cls in (Softmax, NormFace, CosFace, ArcFace, CurricularFace, NPT):
+for _cls in (Softmax, NormFace, CosFace, ArcFace, CurricularFace, NPT, CIFP):
     register(_cls)
 
 
