@@ -143,3 +143,40 @@ def test_cifp_refuses_bad_arguments():
             heads.CIFP(6, 7, **kw)
     assert heads.CIFP(6, 11).far == pytest.approx(0.1) and heads.CIFP(6, 11, form="paper").far == 1e-4
     assert isinstance(heads.make_head("cifp", 6, 7, form="paper"), heads.CIFP)
+
+
+@pytest.mark.parametrize("form", ["code", "paper"])
+@pytest.mark.parametrize("far", [None, 0.05, 0.3, 0.9, 1e-6])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_forward_computes_the_reference(form, far, reduction):
+    g = torch.Generator().manual_seed(1)
+    for spread in (0.3, 1.5):
+        x, w, labels = batch(B=24, C=11, seed=int(spread * 10), spread=spread)
+        a = heads.CIFP(6, 11, s=32.0, form=form, far=far).double()
+        with torch.no_grad():
+            a.weight.copy_(w)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        la, lb = a(xa, labels, reduction=reduction), a.reference(xb, labels, reduction=reduction)
+        torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-12)
+        weights = torch.rand(la.shape, generator=g, dtype=torch.float64)
+        grad_w = torch.autograd.grad((la * weights).sum(), [xa, a.weight])
+        ref_w = torch.autograd.grad((lb * weights).sum(), [xb, a.weight])
+        for u, v in zip(grad_w, ref_w):
+            torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["code", "paper"])
+def test_the_fast_threshold_finds_the_same_false_positives_even_when_its_bound_fails(form):
+    g = torch.Generator().manual_seed(2)
+    B, C = 64, 200
+    labels = torch.randint(0, C, (B,), generator=g)
+    head = heads.CIFP(4, C, form=form, far=0.05)
+    random = torch.rand(B, C, generator=g) * 2 - 1
+    adversarial = random.clone()
+    adversarial.view(-1)[:: head.SUBSAMPLE] += 2.0  # the strided subset holds the largest values: t0 is too high
+    for cos in (random, adversarial):
+        cos_y = cos.gather(1, labels[:, None]).squeeze(1)
+        fp, _ = head.false_positives(cos, labels)
+        fast = head._false_positives_fast(cos, cos_y, labels)
+        assert sorted(fast.tolist()) == fp.view(-1).nonzero().squeeze(1).tolist()
+        assert len(fast) > 0
