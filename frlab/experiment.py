@@ -321,3 +321,34 @@ def baseline(
     )
     terms = extra(classifier) if extra is not None else {}
     return train.fit_cached(name or f"baseline_{head}", model, classifier, data, cfg, extra=terms, track=track or {})
+
+
+def paired(table, control: str, metrics, models=None):
+    """Each model minus `control`, seed by seed, per metric: the mean, smallest and largest
+    difference and the number of seeds ahead; `consistent` where every seed agrees in sign. `table`
+    is a pandas DataFrame with columns "model", "seed" and the metrics (one row per model and seed)."""
+    import pandas as pd
+
+    models = [m for m in dict.fromkeys(table["model"]) if m != control] if models is None else list(models)
+    base = table[table["model"] == control].set_index("seed")
+    rows = []
+    for model in models:
+        runs = table[table["model"] == model].set_index("seed")
+        seeds = runs.index.intersection(base.index)
+        if not len(seeds):
+            raise ValueError(f"{model!r} and {control!r} share no seed")
+        for metric in metrics:
+            d = runs.loc[seeds, metric] - base.loc[seeds, metric]
+            rows.append(
+                {
+                    "model": model,
+                    "metric": metric,
+                    "mean difference": float(d.mean()),
+                    "min": float(d.min()),
+                    "max": float(d.max()),
+                    "seeds ahead": int((d > 0).sum()),
+                    "seeds": len(seeds),
+                    "consistent": bool((d > 0).all() or (d < 0).all()),
+                }
+            )
+    return pd.DataFrame(rows)

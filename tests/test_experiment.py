@@ -103,3 +103,25 @@ def test_gradient_share_sits_on_the_k_nearest_negatives_for_npt():
     head = heads.CosFace(8, 10).double()
     ev.gradient_share(head, x, y)
     assert head.weight.dtype == torch.float64  # the caller's head is left as it was
+
+
+def test_paired_differences_seed_by_seed():
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {
+            "model": ["a", "a", "a", "b", "b", "b", "c", "c"],
+            "seed": [0, 1, 2, 0, 1, 2, 2, 0],
+            "x": [1.0, 2.0, 3.0, 1.5, 2.5, 2.0, 3.5, 0.0],
+        }
+    )
+    out = experiment.paired(table, "a", ["x"]).set_index("model")
+    assert out.loc["b", "mean difference"] == pytest.approx((0.5 + 0.5 - 1.0) / 3)
+    assert (out.loc["b", "min"], out.loc["b", "max"], out.loc["b", "seeds ahead"]) == (-1.0, 0.5, 2)
+    assert not out.loc["b", "consistent"]
+    # c has seeds 2 and 0 only, in another order: paired by seed, not by position
+    assert (out.loc["c", "seeds"], out.loc["c", "mean difference"]) == (2, pytest.approx((0.5 - 1.0) / 2))
+    with pytest.raises(ValueError, match="share no seed"):
+        experiment.paired(
+            table[table["seed"] != 1].assign(seed=lambda t: t["seed"] + 10 * (t["model"] == "b")), "a", ["x"], ["b"]
+        )
