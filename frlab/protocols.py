@@ -260,3 +260,37 @@ def gallery_probe_split(meta: dict, per_identity: int = 1, by: str = "difficulty
     rank = torch.arange(len(order)) - start
     gallery = rank < per_identity
     return order[gallery], order[~gallery]
+
+
+# ---------------------------------------------------------------- fairness across groups
+def fairness_report(scores: torch.Tensor, pairs: Pairs, subsets: dict[str, torch.Tensor], level: float = 1e-3) -> dict:
+    """One global threshold T, the one at which all impostor pairs have the FPR `level` (as a
+    deployed system has one threshold for everyone), and for each subset of pairs (a group) its
+    FPR and TPR at T and its 10-fold accuracy; with their spread across the subsets, as RFW
+    reports it: the std of the FPRs, their max / min ratio (inf where a group has none), the mean
+    and std of the accuracies."""
+    t, resolved = ev.thresholds_at_fpr(scores[~pairs.same], (level,))
+    T = float(t[0])
+    groups = {}
+    for name, mask in subsets.items():
+        s, same = scores[mask], pairs.same[mask]
+        if not same.any() or same.all():
+            raise ValueError(f"subset {name!r} needs genuine and impostor pairs")
+        sub = pairs.select(mask)
+        keep = balanced(sub)
+        groups[name] = {
+            "fpr": float((s[~same] > T).double().mean()),
+            "tpr": float((s[same] > T).double().mean()),
+            "accuracy": kfold_accuracy(s[keep], sub.select(keep))["mean"],
+        }
+    fpr = torch.tensor([g["fpr"] for g in groups.values()], dtype=torch.float64)
+    acc = torch.tensor([g["accuracy"] for g in groups.values()], dtype=torch.float64)
+    return {
+        "threshold": T,
+        "resolved": bool(resolved[0]),
+        "groups": groups,
+        "fpr_std": float(fpr.std()) if len(fpr) > 1 else 0.0,
+        "fpr_ratio": float(fpr.max() / fpr.min()) if float(fpr.min()) > 0 else float("inf"),
+        "accuracy_mean": float(acc.mean()),
+        "accuracy_std": float(acc.std()) if len(acc) > 1 else 0.0,
+    }

@@ -101,3 +101,29 @@ def test_balanced_keeps_every_genuine_pair_and_as_many_impostors_per_fold():
     g = torch.Generator().manual_seed(0)
     sub = p.select(keep)
     assert pr.kfold_accuracy(torch.rand(len(sub), generator=g), sub)["mean"] < 0.7
+
+
+def test_fairness_report_counts_each_groups_false_accepts_at_one_threshold():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(40).repeat_interleave(4)
+    groups = (torch.arange(160) // 4) % 2
+    pairs = pr.verification_pairs(labels)
+    scores = torch.rand(len(pairs), generator=g) + pairs.same.float() * 0.5
+    scores[(groups[pairs.i] == 1) & (groups[pairs.j] == 1) & ~pairs.same] += 0.1  # group 1's impostors look alike
+    subsets = {
+        k: v for k, v in pr.pair_subsets(pairs, groups == 0, groups == 0, groups).items() if k.startswith("group")
+    }
+    out = pr.fairness_report(scores, pairs, subsets, level=0.05)
+    imp = sorted(scores[~pairs.same].tolist(), reverse=True)
+    T = imp[int(len(imp) * 0.05)]  # floor(n f) impostors lie above it
+    assert out["threshold"] == pytest.approx(T)
+    for name, mask in subsets.items():
+        fa = [float(s) > T for s, same in zip(scores[mask], pairs.same[mask]) if not same]
+        ta = [float(s) > T for s, same in zip(scores[mask], pairs.same[mask]) if same]
+        assert out["groups"][name]["fpr"] == pytest.approx(sum(fa) / len(fa))
+        assert out["groups"][name]["tpr"] == pytest.approx(sum(ta) / len(ta))
+    f0, f1 = out["groups"]["group_0"]["fpr"], out["groups"]["group_1"]["fpr"]
+    assert f1 > f0 and out["fpr_ratio"] == pytest.approx(f1 / f0)
+    assert out["fpr_std"] == pytest.approx(float(torch.tensor([f0, f1], dtype=torch.float64).std()))
+    with pytest.raises(ValueError, match="genuine and impostor"):
+        pr.fairness_report(scores, pairs, {"none": pairs.same})
