@@ -14,6 +14,8 @@ percent of the bare classifier (`linear + cross_entropy`) in time and memory (be
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -94,6 +96,24 @@ class HardNegatives:
         p.addcmul_(p, torch.add(self.t - 1, L, alpha=2 / self.s, out=L).mul_(hard))
 
 
+@contextlib.contextmanager
+def serial_on_cpu(t: torch.Tensor, enabled: bool = True):
+    """Run the enclosed CPU ops on one thread (the products outside keep every thread). The kernel's
+    blocks are many short element-wise ops, each its own parallel region: on a machine whose cores
+    are also busy with other work, every region waits for its slowest (descheduled) thread, and
+    such blocks ran 10-15x slower at 2 threads than at 1 while the products barely slowed. On one
+    thread they cost the same loaded or not."""
+    n = torch.get_num_threads()
+    if not enabled or t.is_cuda or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class _CosineCrossEntropy(torch.autograd.Function):
     """Cross-entropy of a normalized softmax, fused with the proxies' normalization and the margin,
     so that it keeps no more than the bare classifier's `linear + cross_entropy` does: the B x C
@@ -124,6 +144,7 @@ class _CosineCrossEntropy(torch.autograd.Function):
     CUDA_BLOCK = 2**25  # on CUDA, where each block costs kernel launches: 128 MiB of float32
     PROXY_ROWS = 2048  # rows of W per block of dL/dW's normalization term on the CPU
     CUDA_PROXY_ROWS = 65536  # on CUDA: a 128 MiB temporary at D = 512
+    SERIAL_BLOCKS = True  # the CPU blocks on one thread (`serial_on_cpu`)
 
     @staticmethod
     def _blocks(P: torch.Tensor):
@@ -131,7 +152,9 @@ class _CosineCrossEntropy(torch.autograd.Function):
         if P.is_cuda:
             rows = max(1, _CosineCrossEntropy.CUDA_BLOCK // C)
         else:  # at least a row per thread: the CPU's (log_)softmax kernels share out whole rows
-            rows = max(_CosineCrossEntropy.BLOCK // C, torch.get_num_threads())
+            rows = max(
+                _CosineCrossEntropy.BLOCK // C, 1 if _CosineCrossEntropy.SERIAL_BLOCKS else torch.get_num_threads()
+            )
         return [slice(i, i + rows) for i in range(0, B, rows)]
 
     @staticmethod
@@ -149,7 +172,8 @@ class _CosineCrossEntropy(torch.autograd.Function):
         inv = inverse_norms(w)
         P = (xn * s) @ w.t()  # the classifier's product (in the autocast dtype under autocast)
         logits = torch.empty(P.shape, dtype=inv.dtype, device=P.device) if with_logits else None
-        with torch.autocast(P.device.type, enabled=False):
+        serial = serial_on_cpu(P, _CosineCrossEntropy.SERIAL_BLOCKS)
+        with torch.autocast(P.device.type, enabled=False), serial:
             nll = torch.empty(len(T), dtype=inv.dtype, device=T.device)  # -log p_y = logsumexp(O) - T
             for r in _CosineCrossEntropy._blocks(P):
                 O = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)[0]
@@ -173,18 +197,19 @@ class _CosineCrossEntropy(torch.autograd.Function):
         per_row = ctx.reduction == "none"
         g = g.to(inv.dtype) / (B if ctx.reduction == "mean" else 1)  # dloss/d(row loss): a scalar, or (B,)
         inv_scale = None if per_row else inv * g  # dloss/dO_j = p_j g, and dL_j/dP_j = inv_j
-        for r in _CosineCrossEntropy._blocks(P):
-            y = labels[r, None]
-            p, L, saved = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)
-            p = torch.softmax(p, 1)
-            g_r = g[r] if per_row else g
-            gT[r] = ((p.gather(1, y).squeeze(1) - 1) * g_r).to(gT.dtype)
-            if negatives is not None:
-                negatives.scale_grad_(p, L, saved, r)
-            if per_row:
-                torch.mul(p, inv, out=G[r]).mul_(g_r[:, None].to(G.dtype)).scatter_(1, y, 0.0)
-            else:
-                torch.mul(p, inv_scale, out=G[r]).scatter_(1, y, 0.0)  # straight into G: no block copy
+        with serial_on_cpu(P, _CosineCrossEntropy.SERIAL_BLOCKS):
+            for r in _CosineCrossEntropy._blocks(P):
+                y = labels[r, None]
+                p, L, saved = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)
+                p = torch.softmax(p, 1)
+                g_r = g[r] if per_row else g
+                gT[r] = ((p.gather(1, y).squeeze(1) - 1) * g_r).to(gT.dtype)
+                if negatives is not None:
+                    negatives.scale_grad_(p, L, saved, r)
+                if per_row:
+                    torch.mul(p, inv, out=G[r]).mul_(g_r[:, None].to(G.dtype)).scatter_(1, y, 0.0)
+                else:
+                    torch.mul(p, inv_scale, out=G[r]).scatter_(1, y, 0.0)  # straight into G: no block copy
         need_x, need_w = ctx.needs_input_grad[:2]
         g_y = gT * dT  # dloss/dc_y, through the target logit
         inv_y = inv[labels]
@@ -198,10 +223,11 @@ class _CosineCrossEntropy(torch.autograd.Function):
             )  # H, then dL/dW in place, a cache-sized block of rows at a time
             inv2 = (inv * inv).to(w.dtype)
             rows = _CosineCrossEntropy.CUDA_PROXY_ROWS if w.is_cuda else _CosineCrossEntropy.PROXY_ROWS
-            for j in range(0, w.shape[0], rows):
-                k = slice(j, j + rows)
-                coef = (w[k] * grad_w[k]).sum(1).mul_(inv2[k])
-                grad_w[k].addcmul_(w[k], coef[:, None], value=-1.0)
+            with serial_on_cpu(w, _CosineCrossEntropy.SERIAL_BLOCKS):
+                for j in range(0, w.shape[0], rows):
+                    k = slice(j, j + rows)
+                    coef = (w[k] * grad_w[k]).sum(1).mul_(inv2[k])
+                    grad_w[k].addcmul_(w[k], coef[:, None], value=-1.0)
             rows_y = (xn.to(inv.dtype) - c_y[:, None] * w_y).mul_((g_y * inv_y)[:, None])
             grad_w.index_add_(0, labels, rows_y.to(w.dtype))  # the target column's own gradient
         return grad_x, grad_w, None, None, None, None, None, None, None, None
