@@ -14,9 +14,9 @@ Released defaults: ArcFace s = 64, m = 0.45 as the head (`released_head`), weigh
 alpha = beta = 0, eps = 1, 10 iterations.
 
 Where frlab differs from the release, and why (each an argument where it changes a number):
-* `sinkhorn(mode="log")` (the default) works in the log domain with the correct updates; the
-  released update, `mode="released"`, is plain-domain and multiplies the column update by K where
-  K^T belongs (the cost is not symmetric), so its column marginals are off. The term takes
+* `sinkhorn(mode="log")` (the function's default) runs the correct updates, POT's, stable at any
+  eps; the released update, `mode="released"`, is plain-domain and multiplies the column update by
+  K where K^T belongs (the cost is not symmetric), so its column marginals are off. The term takes
   `mode`, default "released" (the released numbers); the notebook compares both.
 * Each pair (a, p) or (a, n) that occurs in a selected triplet is transported once, all of them in
   one batched call (the release loops per triplet in Python, solving each pair again per triplet).
@@ -46,9 +46,7 @@ from ..hparams import HParams
 
 SINKHORN_MODES = ("log", "released")
 GRADS = ("unrolled", "plan")
-
-
-PLAIN_SPREAD = 30.0  # the log-domain update runs in the plain domain where (max C - min C) / eps is at most this
+PLAIN_SPREAD = 30.0  # mode "log" runs in the plain domain where every (max C - min C) / eps is at most this
 
 
 def sinkhorn(cost: torch.Tensor, eps: float = 1.0, iters: int = 10, mode: str = "log") -> torch.Tensor:
