@@ -214,6 +214,8 @@ def test_ctrl_c_is_one_line_exit_130_and_the_run_marked_interrupted(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, which Ctrl-C signals as a whole
+        # a shell running tests in the background ignores SIGINT, and children inherit that: undo it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 60
     while not list((tmp_path / "runs").glob("01_slow/*/started")) and time.time() < deadline:

@@ -401,7 +401,7 @@ def _alternative(value):
         return value * 0.5 if value else 0.25
     if isinstance(value, tuple):
         return tuple(_alternative(v) for v in value)
-    return {"hardest": "released"}.get(value)
+    return {"hardest": "released", "code": "paper", "released": "log", "unrolled": "plan"}.get(value)
 
 
 def _key(model=None, head=None, extra=None, config=None):
