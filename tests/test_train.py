@@ -247,7 +247,7 @@ def test_fit_cached_trains_again_when_the_cached_history_lacks_a_tracked_quantit
 
     def norm(tr):
         calls.append(tr.step)
-        return float(tr.head.weight.norm())
+        return float(tr.head.weight.detach().norm())
 
     model2, head2 = small_setup()
     tracked = fit_cached("toy", model2, head2, DATA, cfg(epochs=1), cache_dir=tmp_path, track={"norm": norm})
