@@ -423,37 +423,46 @@ class CIFP(Head):
             return pool & (cos > t_u), t_u
 
     def penalty(self, x: torch.Tensor, labels: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        """The code form's p_i (B,), from the normalized embeddings, with the released routing."""
+        """The code form's p_i (B,) for embeddings x and their cosines (B, C), with the released routing."""
         fp, _ = self.false_positives(cos, labels)
         i, j = fp.nonzero(as_tuple=True)
-        w = F.normalize(self.weight, dim=1).to(cos.dtype)
-        xn = F.normalize(x, dim=1).to(cos.dtype)
-        cos_fp = (xn[i] * w[j]).sum(1)  # the false positives' cosines, gathered (about B of them)
-        detached = (xn[i] * w[j].detach()).sum(1)
-        cos_y_detached = (xn * w[labels].detach()).sum(1).clamp(-1, 1)
-        below = cos_fp.detach() < cos.detach().gather(1, labels[:, None]).squeeze(1)[i] - self.m
-        v = torch.where(below, cos_fp, detached)
-        count = fp.sum(1)
-        mean_sq = torch.zeros_like(cos_y_detached).index_add(0, i, v * v) / count.clamp(min=1)
-        return (1 + cos_y_detached) * mean_sq
+        return self._penalty(F.normalize(x, dim=1), labels, cos.gather(1, labels[:, None]).squeeze(1), i, j)
 
-    def reference(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """The definition, with plain autograd over the B x C cosines."""
-        labels = _check(x, labels, self.weight, reduction)
-        x = self._input(x)
-        cos = self.logits(x).to(accumulation_dtype(self.weight.dtype))
-        cos_y = cos.gather(1, labels[:, None]).squeeze(1)
-        logits = cos
+    def _penalty(self, xn, labels, cos_y, i, j) -> torch.Tensor:
+        """p_i from the false positives (i, j), about B of them, by their gathered rows."""
+        dt = cos_y.dtype
+        xn = xn.to(dt)
+        w = F.normalize(self.weight.index_select(0, j), dim=1).to(dt)
+        wy = F.normalize(self.weight.index_select(0, labels), dim=1).to(dt).detach()
+        xi = xn.index_select(0, i)
+        cos_fp = (xi * w).sum(1)
+        below = cos_fp.detach() < cos_y.detach().index_select(0, i) - self.m
+        v = torch.where(below, cos_fp, (xi * w.detach()).sum(1))  # at or above cos_y - m: embedding only
+        count = torch.bincount(i, minlength=len(labels)).clamp(min=1).to(dt)
+        mean_sq = torch.zeros_like(cos_y).index_add(0, i, v * v) / count
+        return (1 + (xn * wy).sum(1).clamp(-1, 1)) * mean_sq
+
+    def _loss(self, xn, labels, cos, cos_y, i, j, reduction: str) -> torch.Tensor:
+        """The loss, both forms, from the cosines and the false positives (i, j)."""
         if self.form == "code":
-            target = cos_y - self.m - self.penalty(x, labels, cos)
+            target = cos_y - self.m - self._penalty(xn, labels, cos_y, i, j)
             logits = cos.scatter(1, labels[:, None], target[:, None])
             return F.cross_entropy(self.s * logits, labels, reduction=reduction)
-        fp, _ = self.false_positives(cos, labels)
-        fpr = fp.sum(1).to(cos.dtype) / (self.num_classes - 1)
-        ratio = fpr / fpr.mean() if bool(fpr.sum() > 0) else torch.zeros_like(fpr)
+        fpr = torch.bincount(i, minlength=len(labels)).to(cos.dtype) / (self.num_classes - 1)
+        ratio = fpr / fpr.mean() if len(i) else torch.zeros_like(fpr)
         shift = torch.log1p(self.penalty_weight * ratio)[:, None]
         logits = (self.s * cos + shift).scatter(1, labels[:, None], (self.s * (cos_y - self.m))[:, None])
         return F.cross_entropy(logits, labels, reduction=reduction)
+
+    def reference(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The definition, with plain autograd over the B x C cosines and the false positives as a mask."""
+        labels = _check(x, labels, self.weight, reduction)
+        x = self._input(x)
+        cos = self.logits(x).to(accumulation_dtype(self.weight.dtype))
+        fp, _ = self.false_positives(cos, labels)
+        i, j = fp.nonzero(as_tuple=True)
+        cos_y = cos.gather(1, labels[:, None]).squeeze(1)
+        return self._loss(F.normalize(x, dim=1), labels, cos, cos_y, i, j, reduction)
 
     SUBSAMPLE = 16  # every 16th candidate bounds the threshold from below before the exact top-k
 
@@ -491,27 +500,10 @@ class CIFP(Head):
         xn = F.normalize(x, dim=1)
         cos = CosineLinear.apply(xn, self.weight).to(accumulation_dtype(self.weight.dtype))
         cos_y = cos.gather(1, labels[:, None]).squeeze(1)
-        B, C = cos.shape
+        C = cos.shape[1]
         with torch.no_grad():
             flat = self._false_positives_fast(cos.detach(), cos_y.detach(), labels)
-            i, j = flat // C, flat % C
-        if self.form == "code":
-            w = F.normalize(self.weight.index_select(0, j), dim=1).to(cos.dtype)
-            wy = F.normalize(self.weight.index_select(0, labels), dim=1).to(cos.dtype).detach()
-            xi = xn.to(cos.dtype).index_select(0, i)
-            cos_fp = (xi * w).sum(1)
-            below = cos_fp.detach() < cos_y.detach().index_select(0, i) - self.m
-            v = torch.where(below, cos_fp, (xi * w.detach()).sum(1))
-            count = torch.bincount(i, minlength=B).clamp(min=1).to(cos.dtype)
-            mean_sq = torch.zeros_like(cos_y).index_add(0, i, v * v) / count
-            p = (1 + (xn.to(cos.dtype) * wy).sum(1).clamp(-1, 1)) * mean_sq
-            logits = cos.scatter(1, labels[:, None], (cos_y - self.m - p)[:, None])
-            return F.cross_entropy(self.s * logits, labels, reduction=reduction)
-        fpr = torch.bincount(i, minlength=B).to(cos.dtype) / (C - 1)
-        ratio = fpr / fpr.mean() if len(i) else torch.zeros_like(fpr)
-        shift = torch.log1p(self.penalty_weight * ratio)[:, None]
-        logits = (self.s * cos + shift).scatter(1, labels[:, None], (self.s * (cos_y - self.m))[:, None])
-        return F.cross_entropy(logits, labels, reduction=reduction)
+        return self._loss(xn, labels, cos, cos_y, flat // C, flat % C, reduction)
 
 
 HEADS: dict[str, type[Head]] = {}
