@@ -100,9 +100,9 @@ class HardNegatives:
 def serial_on_cpu(t: torch.Tensor, enabled: bool = True):
     """Run the enclosed CPU ops on one thread (the products outside keep every thread). The kernel's
     blocks are many short element-wise ops, each its own parallel region: on a machine whose cores
-    are also busy with other work, every region waits for its slowest (descheduled) thread, and
-    such blocks ran 10-15x slower at 2 threads than at 1 while the products barely slowed. On one
-    thread they cost the same loaded or not."""
+    are also busy with other work, every region waits for its slowest (descheduled) thread, so
+    these blocks slow down far more than the few long products do. On one thread they cost the
+    same loaded or not."""
     n = torch.get_num_threads()
     if not enabled or t.is_cuda or n == 1:
         yield
