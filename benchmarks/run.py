@@ -40,7 +40,7 @@ from frlab import eval as ev  # noqa: E402
 from frlab import heads, models, paths, train  # noqa: E402
 from frlab.data import SynthFaces, materialize  # noqa: E402
 
-HEADS = ("normface", "cosface", "arcface", "curricularface", "npt", "cifp")
+HEADS = ("normface", "cosface", "arcface", "curricularface", "npt", "cifp", "cifp_paper")
 
 
 # ---------------------------------------------------------------- measuring
@@ -130,6 +130,9 @@ def make_step(kind: str, C: int, B: int, D: int, device: str = "cpu", bf16: bool
 
         pml = ArcFaceLoss(num_classes=C, embedding_size=D)
         loss_fn = lambda: pml(x, labels)  # noqa: E731
+    elif kind == "cifp_paper":
+        head = heads.CIFP(D, C, form="paper").to(device)
+        loss_fn = lambda: head(x, labels)  # noqa: E731
     else:
         head = heads.make_head(kind, D, C).to(device)
         loss_fn = lambda: head(x, labels)  # noqa: E731

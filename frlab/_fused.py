@@ -15,6 +15,7 @@ percent of the bare classifier (`linear + cross_entropy`) in time and memory (be
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -96,6 +97,65 @@ class HardNegatives:
         p.addcmul_(p, torch.add(self.t - 1, L, alpha=2 / self.s, out=L).mul_(hard))
 
 
+class RowShift:
+    """The element-wise map O_j = L_j + shift_i of non-target logits (a constant per row, without
+    gradient: dO/dL = 1), in the form `_CosineCrossEntropy` applies block by block. `shift` is (B,)."""
+
+    def __init__(self, shift: torch.Tensor):
+        self.shift = shift[:, None]
+
+    def logits(self, L: torch.Tensor, rows: slice) -> tuple[torch.Tensor, None]:
+        return L.add_(self.shift[rows]), None
+
+    def scale_grad_(self, p: torch.Tensor, L: torch.Tensor, saved: None, rows: slice) -> None:
+        pass
+
+
+def top_fraction(
+    P: torch.Tensor, inv: torch.Tensor, labels: torch.Tensor, fraction: float, limit: torch.Tensor | None, stride: int
+) -> torch.Tensor:
+    """The flat indices (into B x C) of the candidates ranked strictly above the k-th largest,
+    k = ceil(fraction * number of candidates), among the non-target logits L = P inv (and, with
+    `limit` (B,), only those with L_ij <= limit_i); empty when k = 0.
+
+    One pass over the rows, block by block, nothing B x C made: a lower bound t0 of the k-th
+    largest from every `stride`-th class; then per block the count of candidates and the
+    entries at or above t0 (about 2k of them), among which the exact top-k is taken. Where the
+    bound was too high (fewer than k candidates above it), a second pass takes every candidate."""
+    B, C = P.shape
+    cols = torch.arange(0, C, stride, device=P.device)
+    sub = P[:, ::stride] * inv[::stride]  # the same products as the blocks' L = P inv
+    sub[(labels % stride == 0).nonzero().squeeze(1), labels[labels % stride == 0] // stride] = float("-inf")
+    if limit is not None:
+        sub.masked_fill_(sub > limit[:, None], float("-inf"))
+    k_guess = math.ceil(fraction * C / len(cols) * int(torch.isfinite(sub).count_nonzero()))
+    t0 = sub.view(-1).topk(min(sub.numel(), 2 * (k_guess // stride) + 16)).values[-1]  # ~2k + 16 stride above it
+    for bound in (t0, float("-inf")):
+        idx, n_pool = [], 0
+        with serial_on_cpu(P, _CosineCrossEntropy.SERIAL_BLOCKS):
+            for r in _CosineCrossEntropy._blocks(P):
+                L = torch.mul(P[r], inv)
+                if limit is not None:
+                    n_pool += int(torch.count_nonzero(L <= limit[r, None])) - L.shape[0]  # a target is at its limit
+                idx.append((L >= bound).view(-1).nonzero().squeeze(1) + r.start * C)
+        idx = torch.cat(idx)
+        i, j = idx // C, idx % C
+        val = P.view(-1)[idx] * inv[j]
+        keep = j != labels[i]
+        if limit is not None:
+            keep &= val <= limit[i]
+        else:
+            n_pool = B * (C - 1)
+        idx, val = idx[keep], val[keep]
+        k = math.ceil(fraction * n_pool - 1e-9)
+        if k <= 0:
+            return labels.new_zeros(0)
+        if len(idx) >= k:
+            break
+    values, order = val.topk(k)
+    return idx[order[values > values[-1]]]
+
+
 @contextlib.contextmanager
 def serial_on_cpu(t: torch.Tensor, enabled: bool = True):
     """Run the enclosed CPU ops on one thread (the products outside keep every thread). The kernel's
@@ -168,9 +228,10 @@ class _CosineCrossEntropy(torch.autograd.Function):
         return O.scatter_(1, labels[r, None], T[r, None]), L, saved
 
     @staticmethod
-    def forward(ctx, xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits):
+    def forward(ctx, xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits, P):
         inv = inverse_norms(w)
-        P = (xn * s) @ w.t()  # the classifier's product (in the autocast dtype under autocast)
+        if P is None:  # the classifier's product (in the autocast dtype under autocast)
+            P = (xn * s) @ w.t()
         logits = torch.empty(P.shape, dtype=inv.dtype, device=P.device) if with_logits else None
         serial = serial_on_cpu(P, _CosineCrossEntropy.SERIAL_BLOCKS)
         with torch.autocast(P.device.type, enabled=False), serial:
@@ -230,10 +291,12 @@ class _CosineCrossEntropy(torch.autograd.Function):
                     grad_w[k].addcmul_(w[k], coef[:, None], value=-1.0)
             rows_y = (xn.to(inv.dtype) - c_y[:, None] * w_y).mul_((g_y * inv_y)[:, None])
             grad_w.index_add_(0, labels, rows_y.to(w.dtype))  # the target column's own gradient
-        return grad_x, grad_w, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None
 
 
-def cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, negatives=None, reduction="mean", with_logits=False):
+def cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, negatives=None, reduction="mean", with_logits=False, P=None):
     """See `_CosineCrossEntropy`: the loss (mean, sum or per row), and the margin logits s * O
-    (no gradient) when `with_logits`, else None."""
-    return _CosineCrossEntropy.apply(xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits)
+    (no gradient) when `with_logits`, else None. A head that needed the classifier's product
+    before its target logits were known (CIFP) passes it as P = (s xn) @ w.T (no gradient), and
+    the kernel uses it instead of computing it again."""
+    return _CosineCrossEntropy.apply(xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits, P)

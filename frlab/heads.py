@@ -30,7 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checks
-from ._fused import CosineLinear, HardNegatives, accumulation_dtype, cosine_cross_entropy
+from ._fused import (
+    CosineLinear,
+    HardNegatives,
+    RowShift,
+    accumulation_dtype,
+    cosine_cross_entropy,
+    inverse_norms,
+    top_fraction,
+)
 from .hparams import HParams
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -384,7 +392,7 @@ class CIFP(Head):
 
     Single process: the threshold is over the batch this head sees (the release needs a process
     group even on one GPU). `reference` is the readable definition; `forward` computes the same
-    with fewer passes (tested equal).
+    by the margin heads' fused kernel (tested equal).
     """
 
     def __init__(
@@ -432,8 +440,8 @@ class CIFP(Head):
         """p_i from the false positives (i, j), about B of them, by their gathered rows."""
         dt = cos_y.dtype
         xn = xn.to(dt)
-        w = F.normalize(self.weight.index_select(0, j), dim=1).to(dt)
-        wy = F.normalize(self.weight.index_select(0, labels), dim=1).to(dt).detach()
+        w = F.normalize(F.embedding(j, self.weight, sparse=True), dim=1).to(dt)  # sparse: see target_cosine
+        wy = F.normalize(self.weight.detach().index_select(0, labels), dim=1).to(dt)
         xi = xn.index_select(0, i)
         cos_fp = (xi * w).sum(1)
         below = cos_fp.detach() < cos_y.detach().index_select(0, i) - self.m
@@ -466,44 +474,37 @@ class CIFP(Head):
 
     SUBSAMPLE = 16  # every 16th candidate bounds the threshold from below before the exact top-k
 
-    def _false_positives_fast(self, cos: torch.Tensor, cos_y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The flat indices (into B x C) of the false positives, exactly as `false_positives`
-        finds them, without sorting all B x C: a lower bound t0 of T_u from a strided subset of
-        the candidates, then the exact top-k among the candidates above t0 (checked to be at least
-        k of them; otherwise the full top-k)."""
-        B, C = cos.shape
-        flat_cos = cos.view(-1)
-        cand = torch.ones_like(flat_cos, dtype=torch.bool).view(B, C).scatter_(1, labels[:, None], False)
-        if self.form == "code":  # negatives above their own target are no candidates
-            cand &= cos <= cos_y[:, None]
-        cand = cand.view(-1)
-        n_pool = int(cand.sum())
-        k = math.ceil(self.far * n_pool - 1e-9)
-        if k <= 0:
-            return labels.new_zeros(0)
-        sub = flat_cos[:: self.SUBSAMPLE].masked_fill(~cand[:: self.SUBSAMPLE], float("-inf"))
-        r = min(len(sub), 2 * (k // self.SUBSAMPLE) + 16)  # expected about 2k + 256 candidates above t0
-        t0 = sub.topk(r).values[-1]
-        survivors = (cand & (flat_cos >= t0)).nonzero().squeeze(1)
-        if len(survivors) < k:  # the bound was too high (or the subset too small): sort every candidate
-            survivors = cand.nonzero().squeeze(1)
-        values, order = flat_cos[survivors].topk(k)
-        return survivors[order[values > values[-1]]]
-
     def forward(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """`reference`, computed with fewer passes over B x C: the cosines from one product that
-        folds in the proxies' normalization (`CosineLinear`), the threshold and the false positives
-        from a top-k among the few candidates near it (the false positives are the candidates
-        ranked above the k-th: about B entries, whose penalty is computed from their gathered rows)."""
+        """`reference`, by the fused kernel of the margin heads (`_fused.cosine_cross_entropy`):
+        the classifier's product once, the false positives found from it block by block
+        (`_fused.top_fraction`: about B entries, nothing B x C), their penalty from their gathered
+        rows. The code form's penalty enters the kernel as a constant of the target logit, and its
+        gradient through a surrogate of the same value: d loss_i / d p_i = s (1 - p_y,i), with
+        p_y,i = exp(-loss_i) the softmax at the target. The paper form's log(1 + w r_i) is a
+        per-row shift of the non-target logits (`_fused.RowShift`)."""
         labels = _check(x, labels, self.weight, reduction)
-        x = self._input(x)
-        xn = F.normalize(x, dim=1)
-        cos = CosineLinear.apply(xn, self.weight).to(accumulation_dtype(self.weight.dtype))
-        cos_y = cos.gather(1, labels[:, None]).squeeze(1)
-        C = cos.shape[1]
+        xn = F.normalize(self._input(x), dim=1)
+        w, s, grad = self.weight, self.s, torch.is_grad_enabled()
         with torch.no_grad():
-            flat = self._false_positives_fast(cos.detach(), cos_y.detach(), labels)
-        return self._loss(xn, labels, cos, cos_y, flat // C, flat % C, reduction)
+            inv = inverse_norms(w)
+            P = (xn * s) @ w.t()  # the product the kernel would make: made here, and handed to it
+            limit = P.gather(1, labels[:, None]).squeeze(1) * inv[labels] if self.form == "code" else None
+            flat = top_fraction(P, inv, labels, self.far, limit, self.SUBSAMPLE)
+            c_y = self.target_cosine(xn, labels, clamp=False)
+            cos_y = c_y.clamp(-1.0, 1.0)
+            dT = torch.full_like(cos_y, s if grad else 0.0)  # d T / d cos_y
+        i, j = flat // w.shape[0], flat % w.shape[0]
+        if self.form == "paper":
+            fpr = torch.bincount(i, minlength=len(labels)).to(cos_y.dtype) / (self.num_classes - 1)
+            ratio = fpr / fpr.mean() if len(i) else torch.zeros_like(fpr)
+            shift = RowShift(torch.log1p(self.penalty_weight * ratio))
+            loss, _ = cosine_cross_entropy(xn, w, labels, c_y, s * (cos_y - self.m), dT, s, shift, reduction, P=P)
+            return loss
+        p = self._penalty(xn, labels, cos_y, i, j)
+        T = s * (cos_y - self.m - p.detach())
+        rows, _ = cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, None, "none", P=P)
+        rows = rows + s * (1 - torch.exp(-rows.detach())) * (p - p.detach())  # the value unchanged
+        return _reduce(rows, reduction)
 
 
 HEADS: dict[str, type[Head]] = {}

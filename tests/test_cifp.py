@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from frlab import heads
+from frlab import _fused, heads
 
 
 def loop_cifp(x, w, labels, s, m, form, far, penalty_weight=1.0):
@@ -166,17 +166,21 @@ def test_forward_computes_the_reference(form, far, reduction):
 
 
 @pytest.mark.parametrize("form", ["code", "paper"])
-def test_the_fast_threshold_finds_the_same_false_positives_even_when_its_bound_fails(form):
+@pytest.mark.parametrize("block", [None, 600])
+def test_the_fast_threshold_finds_the_same_false_positives_even_when_its_bound_fails(form, block, monkeypatch):
+    if block:  # blocks of 3 rows: the search runs over several
+        monkeypatch.setattr(_fused._CosineCrossEntropy, "BLOCK", block)
     g = torch.Generator().manual_seed(2)
     B, C = 64, 200
     labels = torch.randint(0, C, (B,), generator=g)
     head = heads.CIFP(4, C, form=form, far=0.05)
     random = torch.rand(B, C, generator=g) * 2 - 1
     adversarial = random.clone()
-    adversarial.view(-1)[:: head.SUBSAMPLE] += 2.0  # the strided subset holds the largest values: t0 is too high
+    adversarial[:, :: head.SUBSAMPLE] += 2.0  # the strided classes hold the largest values: t0 is too high
     for cos in (random, adversarial):
         cos_y = cos.gather(1, labels[:, None]).squeeze(1)
         fp, _ = head.false_positives(cos, labels)
-        fast = head._false_positives_fast(cos, cos_y, labels)
+        limit = cos_y if form == "code" else None
+        fast = _fused.top_fraction(cos, torch.ones(C), labels, head.far, limit, head.SUBSAMPLE)
         assert sorted(fast.tolist()) == fp.view(-1).nonzero().squeeze(1).tolist()
         assert len(fast) > 0
