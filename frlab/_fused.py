@@ -9,7 +9,10 @@ percent of the bare classifier (`linear + cross_entropy`) in time and memory (be
 * `CosineLinear`: (s x_hat) @ (W / |W|).T without a normalized copy of W.
 * `HardNegatives`: the element-wise map "L (t + L / s) above a per-row threshold", in the form the
   kernel applies block by block. A head hands the kernel such a map for its negatives; a head whose
-  negatives have no fused form is computed by its reference path instead.
+  negatives have no fused form is computed by its reference path instead. `RowShift`: a constant
+  added to a row's negatives (CIFP's paper form).
+* `top_fraction`: the entries of the logits above the k-th largest among the candidates, found
+  block by block without sorting (or copying) B x C: CIFP's false positives.
 """
 
 from __future__ import annotations
