@@ -433,6 +433,45 @@ def bench_otface(problems: int = 256, side: int = 7, channels: int = 64):
     return rows
 
 
+def bench_quality(n: int = 100_000, identities: int = 1_000, D: int = 512, repeats: int = 12):
+    """SDD-FIQA's pseudo-labels (24 + 24 draws per image, 12 repeats) against the bare similarity
+    products of the same sampled pairs (the gathered dot products, in the same chunks)."""
+    from frlab import quality
+
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(n, D, generator=g), dim=1)
+    labels = torch.arange(identities).repeat_interleave(n // identities)
+    draws = [quality.sample_pairs(labels, 24, 24, torch.Generator().manual_seed(k)) for k in range(repeats)]
+    chunk = max(1, 2**22 // (24 * D))
+
+    def products():
+        for pos, neg in draws:
+            for s in range(0, n, chunk):
+                xi = x[s : s + chunk].unsqueeze(1)
+                (xi * x[pos[s : s + chunk]]).sum(2), (xi * x[neg[s : s + chunk]]).sum(2)
+
+    t = timeit_interleaved(
+        {"products": products, "labels": lambda: quality.pseudo_labels(x, labels, repeats=repeats)}, reps=3
+    )
+    size = f"{n:,} images, {identities:,} identities, D={D}, 24 + 24 pairs x {repeats} draws"
+    return [
+        {
+            "what": "similarities of the sampled pairs",
+            "size": size,
+            "seconds": t["products"],
+            "baseline": "-",
+            "ratio": 1.0,
+        },
+        {
+            "what": "SDD-FIQA pseudo-labels (sampling, W1, scaling)",
+            "size": size,
+            "seconds": t["labels"],
+            "baseline": "the products",
+            "ratio": t["labels"] / t["products"],
+        },
+    ]
+
+
 def notebook_times():
     """Wall time of each notebook's latest smoke and default run found under runs/."""
     rows = []
@@ -505,7 +544,7 @@ def main() -> int:
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated: heads, cuda, verification, identification, trainer, render, otface, notebooks",
+        help="comma-separated: heads, cuda, verification, identification, trainer, render, otface, quality, notebooks",
     )
     ap.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -521,6 +560,7 @@ def main() -> int:
         "trainer": bench_trainer,
         "render": bench_render,
         "otface": bench_otface,
+        "quality": bench_quality,
         "notebooks": notebook_times,
     }
     chosen = [s for s in args.only.split(",") if s] or list(suites)
