@@ -150,7 +150,9 @@ def degrade_photos(
     resolution, blur, noise, exposure and white balance code, and glasses and a surgical mask
     drawn on the face from its five landmarks. `scale` resizes the photos first (area), so that
     their faces span as many pixels as the renders' (`face_scale`). Returns RGB uint8 faces with
-    their landmarks."""
+    their landmarks and, in meta, every nuisance's value per image as SynthFaces records it (the
+    frontal value for a factor not in `factors`: a photo's own pose is not known), so that
+    `synth.difficulty(meta)` is the degradation added."""
     from .data import synth
 
     nuisance = nuisance or Nuisance()
@@ -176,7 +178,7 @@ def degrade_photos(
         size = (round(images.shape[2] * scale), round(images.shape[3] * scale))
         images = torch.nn.functional.interpolate(images, size=size, mode="area" if scale < 1 else "bilinear")
         marks = (marks + 0.5) * torch.tensor([size[1] / photos.images.shape[3], size[0] / photos.images.shape[2]]) - 0.5
-    meta = {**meta, "landmarks": marks}
+    meta = {**meta, "landmarks": marks, **values}
     N, _, H, W = images.shape
     images = _occlude(images, marks, values["glasses"], values["mask"])
     wb = values["white_balance"].view(-1, 1, 1, 1) * torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1)
