@@ -58,7 +58,11 @@ def test_degraded_photos_take_the_renderers_camera_and_occlusions():
     from frlab.data.synth import difficulty
 
     assert (low.meta["resolution"] == 4.0).all() and (same.meta["resolution"] == 1.0).all()
-    assert (difficulty(same.meta) == 0).all() and (difficulty(low.meta) == difficulty(low.meta)[0]).all() and difficulty(low.meta)[0] > 0.3
+    assert (
+        (difficulty(same.meta) == 0).all()
+        and (difficulty(low.meta) == difficulty(low.meta)[0]).all()
+        and difficulty(low.meta)[0] > 0.3
+    )
     masked = experiment.degrade_photos(photos, ("mask",), Nuisance(mask=Bernoulli(1.0)))
     changed = (masked.images.float() - same.images.float()).abs().sum(1) > 0
     nose_y = photos.meta["landmarks"][:, 2, 1]
