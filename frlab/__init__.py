@@ -3,11 +3,12 @@
 Modules, one idea each:
     frlab.data        SynthFaces renderer, ORL faces
     frlab.models      IR-ResNet and MobileFaceNet-style backbones
-    frlab.heads       margin heads: Softmax, NormFace, CosFace, ArcFace, CurricularFace, NPT
-    frlab.losses      auxiliary terms that compose with a head: DDL, IntraLoss, EKD (and their baselines)
+    frlab.heads       margin heads: Softmax, NormFace, CosFace, ArcFace, CurricularFace, NPT, CIFP
+    frlab.losses      auxiliary terms that compose with a head: DDL, IntraLoss, EKD, OTFace (and baselines)
     frlab.train       the trainer (one forward, a dict of outputs, losses that say what they need),
                       samplers, the model cache
     frlab.eval        embeddings, verification (ROC, EER, TPR at FPR), identification, class shapes
+    frlab.quality     face image quality: SDD-FIQA labels, the quality regressor, error-versus-reject curves
     frlab.protocols   which pairs, which subsets, which folds
     frlab.experiment  recipes the notebooks share: the data split, the evaluation, the baseline
     frlab.viz         figures with one look across the workbook

@@ -44,9 +44,9 @@ def test_papermill_reads_every_parameter(path):
     assert list(papermill.inspect_notebook(str(path))) == list(read_parameters(path))
 
 
-@pytest.mark.parametrize("stem", ["03_margin_heads", "04_ddl", "05_intraloss"])
+@pytest.mark.parametrize("stem", ["03_margin_heads", "04_ddl", "05_intraloss", "10_sdd_fiqa"])
 def test_notebooks_that_share_the_baseline_default_to_its_recipe(stem):
-    """03 trains the baseline that 04 and 05 reuse from the model cache: if one notebook's defaults
+    """03 trains the baseline that 04, 05 and 10 reuse from the model cache: if one notebook's defaults
     drifted from frlab.experiment.BASELINE, it would silently train a model of its own."""
     from frlab.experiment import BASELINE
 
