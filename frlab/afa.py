@@ -17,7 +17,7 @@ Everything below the abstract's three sentences is frlab's design:
   `norm_layer`), and `StrengthPredictor`, which reads w from the image (two stride-2 convolutions:
   early features of its own, so that w is known before the backbone's first normalization).
   `model(x)` uses the predicted w; `model.fixed(w)` sets it, e.g. for the fixed-weight baseline.
-* `AdversarialTraining`: the batch transform. "standard" leaves the batch; "madry" replaces it by
+* `AdversarialTraining`: the batch transform. "standard" keeps the batch (w = 0); "madry" replaces it by
   PGD at eps_max (w = 1); "dual" adds PGD at eps_max (w = 1) to the clean batch (w = 0); "afa"
   adds a third group attacked at strengths drawn from [0, eps_max], normalized at the w the
   predictor gives them (`predictor="end_to_end"`: w learned through the classification loss
@@ -87,7 +87,7 @@ class DualBatchNorm2d(nn.Module):
         return out
 
 
-class StrengthPredictor(nn.Module):
+class StrengthPredictor(HParams, nn.Module):
     """w in [0, 1] from the image: two stride-2 convolutions, each channel's mean and standard
     deviation over the image, a linear layer and a sigmoid."""
 
@@ -202,9 +202,9 @@ class AdversarialTraining(HParams, nn.Module):
             model.train(was[0]), head.train(was[1])
 
     def forward(self, trainer, batch):
-        if self.mode == "standard":
-            return batch
         x, y, B = batch.images, batch.labels, len(batch.labels)
+        if self.mode == "standard":  # the clean branch only
+            return _with(trainer, batch, x, y, eps=torch.zeros(B, device=x.device), w=torch.zeros(B, device=x.device))
         full = torch.full((B,), self.eps_max, device=x.device)
         if self.mode == "madry":
             adv = self.attack(trainer, x, y, full, 1.0)
@@ -223,7 +223,7 @@ class AdversarialTraining(HParams, nn.Module):
         return _with(trainer, batch, images, y.repeat(len(groups)), eps=eps, w=w, copies=len(groups))
 
 
-class StrengthLoss(nn.Module):
+class StrengthLoss(HParams, nn.Module):
     """The predictor's regression of the strength, w = eps / eps_max, over every sample of the batch
     (clean ones at 0), by mean squared error; `weight` scales it. Needs the batch's meta["eps"]."""
 

@@ -101,3 +101,36 @@ def test_attacks_refuse_bad_arguments():
             attacks.pgd(ce(model, y), x, **kw)
     with pytest.raises(TypeError):
         attacks.pgd(ce(model, y), (x * 255).to(torch.uint8), 0.1, 0.01)
+
+
+def test_robust_accuracy_and_verification_under_attack_by_hand():
+    from frlab import protocols
+    from frlab.data.synth import FaceTensors
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 8))
+    head = heads.CosFace(8, 5, s=8.0)
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(20, 3, 8, 8, generator=g) * 255).to(torch.uint8)
+    labels = torch.arange(20) % 5
+    data = FaceTensors(images, labels, {"label": labels}, 5, "toy")
+    x = images.float() / 255  # what data.batch gives
+    with torch.no_grad():
+        clean = float((head.predict(model(x)) == labels).float().mean())
+    assert attacks.robust_accuracy(model, head, data, 0.0) == pytest.approx(clean)
+    adv = attacks.pgd(
+        attacks.identification_loss(model, head, labels), x, 0.1, 0.025, 10, generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        ref = float((head.predict(model(adv)) == labels).float().mean())
+    assert attacks.robust_accuracy(model, head, data, 0.1, steps=10, seed=3) == pytest.approx(ref)
+    pairs = protocols.verification_pairs(labels)
+    none = attacks.genuine_pairs_under_attack(model, data, pairs, 0.0, fpr=0.1)
+    emb = F.normalize(model(x), dim=1).detach()
+    s = (emb[pairs.i] * emb[pairs.j]).sum(1)
+    imp = s[~pairs.same].sort(descending=True).values
+    t = imp[int(len(imp) * 0.1)]
+    assert none["threshold"] == pytest.approx(float(t)) and none["tpr"] == none["clean_tpr"]
+    assert none["tpr"] == pytest.approx(float((s[pairs.same] > t).float().mean()))
+    hit = attacks.genuine_pairs_under_attack(model, data, pairs, 0.2, steps=10, fpr=0.1)
+    assert hit["clean_tpr"] == none["tpr"] and hit["tpr"] < hit["clean_tpr"]
