@@ -472,6 +472,49 @@ def bench_quality(n: int = 100_000, identities: int = 1_000, D: int = 512, repea
     ]
 
 
+def bench_attacks(batch: int = 256, steps: int = 10, size: int = 32):
+    """PGD against the forward + backward passes it consists of: `steps` steps on a batch of
+    notebook 11's model (an AFANet, ir8 at quarter width, 32 px), against `steps` bare forward +
+    backward passes of the same loss with respect to the images."""
+    from frlab import afa, attacks
+
+    torch.manual_seed(0)
+    model = afa.AFANet("ir8", width=0.25, input_size=size, embedding_size=32).eval()
+    head = heads.CosFace(32, 100, s=16.0).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, size, size, generator=g)
+    y = torch.randint(0, 100, (batch,), generator=g)
+    loss = attacks.identification_loss(model, head, y)
+
+    def bare():
+        for _ in range(steps):
+            xi = x.clone().requires_grad_(True)
+            torch.autograd.grad(loss(xi).sum(), xi)
+
+    def pgd():
+        attacks.pgd(loss, x, 8 / 255, 2 / 255, steps, generator=torch.Generator().manual_seed(1))
+
+    with model.fixed(0.0):
+        t = timeit_interleaved({"bare": bare, "pgd": pgd}, reps=5)
+    size_s = f"{batch} images of {size} px, {steps} steps, AFANet ir8/4"
+    return [
+        {
+            "what": "forward + backward to the images",
+            "size": size_s,
+            "seconds": t["bare"],
+            "baseline": "-",
+            "ratio": 1.0,
+        },
+        {
+            "what": "PGD (L-inf, random start)",
+            "size": size_s,
+            "seconds": t["pgd"],
+            "baseline": "the passes",
+            "ratio": t["pgd"] / t["bare"],
+        },
+    ]
+
+
 def notebook_times():
     """Wall time of each notebook's latest smoke and default run found under runs/."""
     rows = []
@@ -544,7 +587,8 @@ def main() -> int:
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated: heads, cuda, verification, identification, trainer, render, otface, quality, notebooks",
+        help="comma-separated: heads, cuda, verification, identification, trainer, render, otface, quality, "
+        "attacks, notebooks",
     )
     ap.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -561,6 +605,7 @@ def main() -> int:
         "render": bench_render,
         "otface": bench_otface,
         "quality": bench_quality,
+        "attacks": bench_attacks,
         "notebooks": notebook_times,
     }
     chosen = [s for s in args.only.split(",") if s] or list(suites)
