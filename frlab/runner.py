@@ -3,6 +3,7 @@
     python -m frlab run NOTEBOOK... [-p NAME VALUE]... [--smoke] [--out DIR]
     python -m frlab run --all [--smoke]
     python -m frlab params NOTEBOOK                 # its parameters: names, types, defaults, smoke values
+    python -m frlab sweep NOTEBOOK -p NAME V1,V2... [--jobs N]   # a grid of runs, one table (frlab.sweep)
     python -m frlab report [--readme README.md]     # the results section, from the latest full runs
 
 Parameters are checked against each notebook's typed `parameters` cell before any kernel starts.
@@ -67,6 +68,23 @@ def versions() -> dict[str, str]:
         "platform": platform.platform(),
         "cuda": torch.version.cuda or "none",
     }
+
+
+RUNNER_FILES = ("runner.py", "sweep.py", "report.py", "__main__.py")  # they change how runs are made, not their numbers
+
+
+def code_digest(notebook: Path) -> str:
+    """A digest of what a run's results depend on besides its parameters: the notebook and every
+    source file of the frlab package but those that run notebooks and report on them (a sweep
+    reuses a run only if this is unchanged)."""
+    import hashlib
+
+    h = hashlib.sha256(Path(notebook).read_bytes())
+    pkg = Path(__file__).resolve().parent
+    for f in sorted(pkg.rglob("*")):
+        if f.suffix in (".py", ".csv") and "__pycache__" not in f.parts and f.name not in RUNNER_FILES:
+            h.update(str(f.relative_to(pkg)).encode() + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def git_commit() -> str:
@@ -162,6 +180,7 @@ def execute(p: Plan, out: Path) -> Result:
         "seed": p.values.get("seed"),
         "versions": versions(),
         "git_commit": git_commit(),
+        "code_digest": code_digest(p.notebook),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(run_dir / "params.json", meta)
@@ -233,6 +252,11 @@ def summary(results: list[Result], root: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:
+        from . import sweep
+
+        return sweep.main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m frlab", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute notebooks headlessly with papermill")
@@ -248,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="root folder of the runs (default: runs/ of the workbook, see frlab.paths)",
     )
+    sub.add_parser("sweep", help="a grid of runs of one notebook and one table of them (see `sweep --help`)")
     pp = sub.add_parser("params", help="list a notebook's parameters: name, type, default, smoke value")
     pp.add_argument("notebook", metavar="NOTEBOOK", help="path, file name or stem (00_quickstart, quickstart)")
     rp = sub.add_parser("report", help="the results section, generated from the latest full run of each notebook")
