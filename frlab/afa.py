@@ -14,8 +14,8 @@ Everything below the abstract's three sentences is frlab's design:
   (updating neither). In eval
   mode every sample uses the mixed running statistics: w = 0 is the clean branch exactly.
 * `AFANet`: an IR-ResNet whose every 2-D normalization is a DualBatchNorm2d (through the models'
-  `norm_layer`), and `StrengthPredictor`, which reads w from the image (two stride-2 convolutions:
-  early features of its own, so that w is known before the backbone's first normalization).
+  `norm_layer`), and `StrengthPredictor`, which reads w from the image's high-frequency residual
+  (early features of its own, so that w is known before the backbone's first normalization).
   `model(x)` uses the predicted w; `model.fixed(w)` sets it, e.g. for the fixed-weight baseline.
 * `AdversarialTraining`: the batch transform. "standard" keeps the batch (w = 0); "madry" replaces it by
   PGD at eps_max (w = 1); "dual" adds PGD at eps_max (w = 1) to the clean batch (w = 0); "afa"
@@ -88,18 +88,22 @@ class DualBatchNorm2d(nn.Module):
 
 
 class StrengthPredictor(HParams, nn.Module):
-    """w in [0, 1] from the image: two stride-2 convolutions, each channel's mean and standard
-    deviation over the image, a linear layer and a sigmoid."""
+    """w in [0, 1] from the image: its high-frequency residual (the image minus its 3 x 3 local
+    mean, the part a small L-infinity perturbation changes most; without it the predictor sees the
+    faces, not the attack, and learns a constant), two convolutions (the second of stride 2), each
+    channel's mean and standard deviation, a linear layer and a sigmoid."""
 
-    def __init__(self, channels: int = 16):
+    def __init__(self, channels: int = 16, gain: float = 10.0):
         super().__init__()
+        self.gain = checks.number("gain", gain, above=0)
         self.convs = nn.Sequential(
-            nn.Conv2d(3, channels, 3, 2, 1), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2, 1), nn.ReLU()
+            nn.Conv2d(3, channels, 3, 1, 1), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2, 1), nn.ReLU()
         )
         self.linear = nn.Linear(2 * channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.convs(x)
+        residual = (x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)) * self.gain
+        f = self.convs(residual)
         return torch.sigmoid(self.linear(torch.cat([f.mean((2, 3)), f.std((2, 3))], 1))).squeeze(1)
 
 

@@ -166,3 +166,27 @@ def test_arguments_are_checked():
     for kw in ({"mode": "trades"}, {"eps_max": 0}, {"steps": 0}, {"predictor": "oracle"}):
         with pytest.raises(ValueError):
             afa.AdversarialTraining(**kw)
+
+
+def test_the_predictor_can_tell_the_strength_of_a_sign_perturbation():
+    """What AFA rests on: w is readable from the image. Trained briefly on faces perturbed by
+    eps * sign(noise) at strengths in [0, eps_max], its mean output rises with eps (without the
+    high-pass residual it stays at the targets' mean whatever the image)."""
+    from frlab.data import SynthFaces, materialize
+
+    torch.manual_seed(0)
+    faces = materialize(SynthFaces(range(20), images_per_identity=6, size=32), progress=False)
+    x_all = faces.images.float() / 255
+    p = afa.StrengthPredictor()
+    opt = torch.optim.Adam(p.parameters(), 1e-3)
+    for _ in range(150):
+        x = x_all[torch.randint(0, len(x_all), (48,))]
+        w = torch.rand(48)
+        adv = (x + (w * 8 / 255).view(-1, 1, 1, 1) * torch.randn_like(x).sign()).clamp(0, 1)
+        loss = F.mse_loss(p(adv), w)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        means = [float(p((x_all + e / 255 * torch.randn_like(x_all).sign()).clamp(0, 1)).mean()) for e in (0, 4, 8)]
+    assert means[0] < means[1] < means[2] and means[2] - means[0] > 0.15
