@@ -11,6 +11,7 @@ Modules, one idea each:
     frlab.quality     face image quality: SDD-FIQA labels, the quality regressor, error-versus-reject curves
     frlab.attacks     PGD and FGSM for any loss of the images; accuracy and verification under attack
     frlab.afa         AFA (reconstructed): dual-branch normalization, its fusing weight, adversarial training
+    frlab.fan         FAN (reconstructed): scale augmentation, identity / non-identity split, its losses
     frlab.protocols   which pairs, which subsets, which folds
     frlab.experiment  recipes the notebooks share: the data split, the evaluation, the baseline
     frlab.viz         figures with one look across the workbook
