@@ -18,6 +18,7 @@ Modules, one idea each:
     frlab.record      Run: where a notebook writes its metrics, tables, claims and figures
     frlab.report      the results section of the README, generated from runs
     frlab.runner      `python -m frlab run`: notebooks headless with papermill
+    frlab.sweep       `python -m frlab sweep`: a grid of runs, reused when done, one table
     frlab.hparams, frlab.checks, frlab.paths, frlab._fused   what the others stand on
 """
 
