@@ -515,6 +515,43 @@ def bench_attacks(batch: int = 256, steps: int = 10, size: int = 32):
     ]
 
 
+LOAD = """
+import torch, time
+torch.set_num_threads(2)
+a = torch.randn(1024, 1024)
+while True:
+    a = torch.tanh(a @ a) if time.time() else a
+"""
+
+
+def bench_loaded(C: int = 50_000, B: int = 512, D: int = 512):
+    """The heads with the machine shared: one other 2-thread process (products in a loop, as a
+    second notebook or sweep job would run) beside the measurement, the floor timed under the same
+    load, interleaved."""
+    kinds = ["floor", "cosface", "arcface", "curricularface"]
+    load = subprocess.Popen([sys.executable, "-c", LOAD])
+    try:
+        time.sleep(2)
+        t = timeit_interleaved({k: make_step(k, C, B, D) for k in kinds}, reps=5, rounds=True)
+    finally:
+        load.kill()
+        load.wait()
+    rows = []
+    for k in kinds:
+        ratios = [a / b for a, b in zip(t[k], t["floor"])]
+        rows.append(
+            {
+                "what": f"head {k}, machine shared" if k != "floor" else "floor, machine shared",
+                "size": f"B={B} D={D} C={C:,}, one other 2-thread process",
+                "seconds": statistics.median(t[k]),
+                "baseline": "floor (same load)" if k != "floor" else "-",
+                "ratio": statistics.median(ratios),
+                "note": f"rounds: {min(ratios):.2f}-{max(ratios):.2f}x" if k != "floor" else f"{len(ratios)} rounds",
+            }
+        )
+    return rows
+
+
 def notebook_times():
     """Wall time of each notebook's latest smoke and default run found under runs/."""
     rows = []
@@ -588,7 +625,7 @@ def main() -> int:
         "--only",
         default="",
         help="comma-separated: heads, cuda, verification, identification, trainer, render, otface, quality, "
-        "attacks, notebooks",
+        "attacks, loaded, notebooks",
     )
     ap.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -606,6 +643,7 @@ def main() -> int:
         "otface": bench_otface,
         "quality": bench_quality,
         "attacks": bench_attacks,
+        "loaded": bench_loaded,
         "notebooks": notebook_times,
     }
     chosen = [s for s in args.only.split(",") if s] or list(suites)
