@@ -7,7 +7,9 @@ brackets: `-p fmr_levels [1e-2],[1e-2,1e-3]`) is one `python -m frlab run` of th
 its own run folder. A point that has already run with the same parameters and the same code (the
 notebook's and frlab's source, digested into each run's params.json) is reused, not run again: an
 interrupted sweep, started again, resumes where it stopped and loses no finished run. With
-`--jobs N`, N points run at once, each in its own process with a share of the cores.
+`--jobs N`, N points run at once, each in its own process with a share of the cores; with
+`--scheduler ADDRESS` they run on the workers of a Dask cluster (the optional `dask` extra; the
+workers must see the workbook at the same path).
 
 The sweep writes runs/sweeps/<notebook>/<time>/: `runs.csv` (one row per point: the swept values,
 status, run folder, reused or not, and every scalar metric the notebook logged), `summary.csv` and
@@ -93,15 +95,20 @@ def find_run(out: Path, notebook: Path, values: dict[str, Any], smoke: bool, dig
     return best
 
 
-def run_point(notebook: Path, values: dict[str, Any], smoke: bool, out: Path, threads: int) -> tuple[Path | None, str]:
-    """Run one point in its own process; (its run folder, "" or the error)."""
+def run_point(
+    notebook: Path, values: dict[str, Any], smoke: bool, out: Path, threads: int | None
+) -> tuple[Path | None, str]:
+    """Run one point in its own process (`threads` per process; None: the machine's default);
+    (its run folder, "" or the error)."""
     stem = notebook.stem
     cmd = [sys.executable, "-m", "frlab", "run", str(notebook), "--out", str(out)]
     for k, v in values.items():
         cmd += ["-p", k, _arg(v)]
     if smoke:
         cmd.append("--smoke")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = dict(os.environ)
+    if threads is not None:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     folder = None
     for line in done.stdout.splitlines():
@@ -131,8 +138,11 @@ def sweep(
     jobs: int = 1,
     out: Path | None = None,
     progress: bool = True,
-):
-    """Run (or reuse) every point of the grid; returns (the runs table, the summary, the sweep folder)."""
+    scheduler: str | None = None,
+) -> tuple:
+    """Run (or reuse) every point of the grid; returns (the runs table, the summary, the sweep folder).
+    With `scheduler` (a Dask scheduler's address) the points run on its workers instead, each a
+    `frlab run` process there: the workers must see the workbook and `out` at the same paths."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -156,20 +166,33 @@ def sweep(
             todo.append(i)
     bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"sweep {stem}", disable=not progress)
 
-    def one(i):
-        folder, error = run_point(notebook, points[i], smoke, out, threads)
-        rows[i] = {
+    def record(i, folder, error):
+        status = "failed" if error else "ok"
+        return {
             **points[i],
-            "status": "failed" if error else "ok",
+            "status": status,
             "reused": False,
             "run": str(folder or ""),
             "error": error,
             **scalars(folder),
         }
+
+    def one(i):
+        rows[i] = record(i, *run_point(notebook, points[i], smoke, out, threads))
         bar.update(1)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(one, todo))
+    if scheduler:
+        from distributed import Client  # the optional `dask` extra
+
+        with Client(scheduler) as client:
+            futures = {i: client.submit(run_point, notebook, points[i], smoke, out, None, pure=False) for i in todo}
+            for i, future in futures.items():
+                folder, error = future.result()
+                rows[i] = record(i, folder, error)
+                bar.update(1)
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(one, todo))
     bar.close()
     table = pd.DataFrame(rows)
     settings = [n for n in names if n != "seed"]
@@ -252,9 +275,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--smoke", action="store_true", help="start from the notebook's smoke parameters")
     ap.add_argument("--jobs", type=int, default=1, help="points run at once (each with cores / jobs threads)")
     ap.add_argument("--out", type=Path, default=None, help="root folder of the runs (default: runs/)")
+    ap.add_argument("--scheduler", default=None, help="a Dask scheduler's address: run the points on its workers")
     args = ap.parse_args(argv)
     try:
-        table, summary, folder = sweep(args.notebook, args.param, args.smoke, args.jobs, args.out)
+        table, summary, folder = sweep(
+            args.notebook, args.param, args.smoke, args.jobs, args.out, scheduler=args.scheduler
+        )
     except (ParameterError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

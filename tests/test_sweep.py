@@ -88,3 +88,17 @@ def test_a_failing_point_is_reported_and_the_others_kept(tmp_path):
         [sys.executable, "-m", "frlab", "sweep", str(nb), "-p", "x", "1,oops"], capture_output=True, text=True, cwd=ROOT
     )
     assert r.returncode == 2 and r.stderr.startswith("error: x='oops' is not a valid float")
+
+
+def test_a_sweep_runs_on_a_dask_cluster(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    nb, out = tiny(tmp_path), tmp_path / "runs"
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        table, summary, _ = sweep.sweep(
+            str(nb), [("x", "1,3")], out=out, progress=False, scheduler=cluster.scheduler_address
+        )
+    assert list(table["status"]) == ["ok", "ok"] and list(table["y"]) == [2.0, 6.0]
+    again, _, _ = sweep.sweep(str(nb), [("x", "1,3")], out=out, progress=False)  # the cluster's runs are reused here
+    assert again["reused"].all()
