@@ -451,7 +451,7 @@ def bench_quality(n: int = 100_000, identities: int = 1_000, D: int = 512, repea
                 (xi * x[pos[s : s + chunk]]).sum(2), (xi * x[neg[s : s + chunk]]).sum(2)
 
     t = timeit_interleaved(
-        {"products": products, "labels": lambda: quality.pseudo_labels(x, labels, repeats=repeats)}, reps=3
+        {"products": products, "labels": lambda: quality.pseudo_labels(x, labels, repeats=repeats)}, reps=1, warmup=0
     )
     size = f"{n:,} images, {identities:,} identities, D={D}, 24 + 24 pairs x {repeats} draws"
     return [
