@@ -122,13 +122,16 @@ class FANNet(HParams, nn.Module):
             raise ValueError(f"input_size must be a multiple of 8, got {input_size}")
         self.encoder = models.iresnet(arch, width, input_size=input_size, embedding_size=id_dim + nonid_dim)
         side = input_size // 8
-        self.decoder = nn.Sequential(
+        self.decoder = nn.Sequential(  # normalized throughout: it trains at the backbone's learning rate
             nn.Linear(id_dim + nonid_dim, 64 * side * side),
             nn.Unflatten(1, (64, side, side)),
+            nn.BatchNorm2d(64),
             nn.ReLU(),
             nn.ConvTranspose2d(64, 48, 4, 2, 1),
+            nn.BatchNorm2d(48),
             nn.ReLU(),
             nn.ConvTranspose2d(48, 32, 4, 2, 1),
+            nn.BatchNorm2d(32),
             nn.ReLU(),
             nn.ConvTranspose2d(32, 3, 4, 2, 1),
             nn.Sigmoid(),
@@ -215,7 +218,7 @@ class FANLoss(HParams, nn.Module):
 
     def forward(self, out, batch) -> torch.Tensor:
         p = self.parts(out, batch)
-        self.last = {k: float(v) for k, v in p.items()}
+        self.last = {k: float(v.detach()) for k, v in p.items()}
         return (
             self.recon_weight * p["reconstruction"]
             + self.align_weight * p["alignment"]
