@@ -91,7 +91,8 @@ class StrengthPredictor(HParams, nn.Module):
     """w in [0, 1] from the image: its high-frequency residual (the image minus its 3 x 3 local
     mean, the part a small L-infinity perturbation changes most; without it the predictor sees the
     faces, not the attack, and learns a constant), two convolutions (the second of stride 2), each
-    channel's mean and standard deviation, a linear layer and a sigmoid."""
+    channel's mean and standard deviation, their logarithms (a perturbation scales them: the logs
+    move by the same amount whatever the face, which plain SGD learns), a linear layer, a sigmoid."""
 
     def __init__(self, channels: int = 16, gain: float = 10.0):
         super().__init__()
@@ -104,7 +105,8 @@ class StrengthPredictor(HParams, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = (x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)) * self.gain
         f = self.convs(residual)
-        return torch.sigmoid(self.linear(torch.cat([f.mean((2, 3)), f.std((2, 3))], 1))).squeeze(1)
+        stats = torch.cat([f.mean((2, 3)), f.std((2, 3))], 1)
+        return torch.sigmoid(self.linear(torch.log(stats + 1e-3))).squeeze(1)  # logs: scale-free, for SGD
 
 
 class AFANet(HParams, nn.Module):
@@ -250,3 +252,45 @@ def _with(trainer, batch, images, labels, eps, w, copies: int = 1):
     if isinstance(trainer.model, AFANet):
         trainer.model.use_next(w)
     return batch.replace(images=images, labels=labels, meta=meta, views={}, index=None)
+
+
+def fit_predictor(
+    model: AFANet,
+    head: nn.Module,
+    data,
+    eps_max: float = 8 / 255,
+    epochs: int = 15,
+    steps: int = 3,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[float]:
+    """Fit the predictor alone (Adam, the network frozen in eval mode) to the strength of PGD
+    attacks drawn from [0, eps_max] on `data`: w = eps / eps_max. The network's training fits it
+    too (`StrengthLoss`), but at the backbone's SGD rate this tiny regression learns slowly, so
+    frlab fits it again after training, as a calibration. Returns the loss of each epoch."""
+    checks.integer("epochs", epochs, lo=1)
+    checks.number("lr", lr, above=0)
+    model.eval(), head.eval()
+    model.to(device), head.to(device)
+    opt = torch.optim.Adam(model.predictor.parameters(), lr)
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(epochs):
+        total, n = 0.0, 0
+        for idx in torch.randperm(len(data), generator=g).split(batch_size):
+            x, y, _ = data.batch(idx, device)
+            w = torch.rand(len(idx), generator=g).to(device)
+            eps = w * eps_max
+            with model.fixed(w):
+                adv = attacks.pgd(
+                    attacks.identification_loss(model, head, y), x, eps, 2.5 * eps / steps, steps, generator=g
+                )
+            loss = F.mse_loss(model.predictor(adv), w)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, n = total + float(loss.detach()) * len(idx), n + len(idx)
+        history.append(total / n)
+    return history

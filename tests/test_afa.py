@@ -1,6 +1,7 @@
 """frlab.afa: the dual-branch normalization against BatchNorm's own arithmetic, one sample at a time,
 and the training transform's batches."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,3 +191,13 @@ def test_the_predictor_can_tell_the_strength_of_a_sign_perturbation():
     with torch.no_grad():
         means = [float(p((x_all + e / 255 * torch.randn_like(x_all).sign()).clamp(0, 1)).mean()) for e in (0, 4, 8)]
     assert means[0] < means[1] < means[2] and means[2] - means[0] > 0.15
+
+
+def test_fit_predictor_trains_the_predictor_alone():
+    net, head = model(), heads.CosFace(8, 4, s=8.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    losses = afa.fit_predictor(net, head, data(), eps_max=0.05, epochs=2, steps=2, batch_size=8)
+    after = net.state_dict()
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("predictor.") for k in changed)  # the network stays as it was
