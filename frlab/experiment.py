@@ -354,3 +354,20 @@ def paired(table, control: str, metrics, models=None):
                 }
             )
     return pd.DataFrame(rows)
+
+
+def paired_findings(paired, metrics=None) -> list[str]:
+    """One sentence per row of a `paired` table (optionally only `metrics`): the mean difference,
+    its range over seeds, the seeds ahead, and "within the seed spread" where they disagree."""
+    against = "against" in paired.columns
+    out = []
+    for _, r in paired.iterrows():
+        if metrics is not None and r["metric"] not in metrics:
+            continue
+        who = f"{r['model']} vs {r['against']}" if against else r["model"]
+        out.append(
+            f"{who}, {r['metric']}: {r['mean difference']:+.4f} on average (per seed {r['min']:+.4f} .. "
+            f"{r['max']:+.4f}, ahead in {r['seeds ahead']} of {r['seeds']})"
+            + ("" if r["consistent"] else ": within the seed spread")
+        )
+    return out

@@ -134,3 +134,16 @@ def test_paired_differences_seed_by_seed():
         experiment.paired(
             table[table["seed"] != 1].assign(seed=lambda t: t["seed"] + 10 * (t["model"] == "b")), "a", ["x"], ["b"]
         )
+
+
+def test_paired_findings_say_the_spread_and_when_seeds_disagree():
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {"model": ["A", "A", "B", "B", "C", "C"], "seed": [0, 1, 0, 1, 0, 1], "m": [1.0, 2.0, 1.5, 2.5, 0.5, 2.5]}
+    )
+    paired = experiment.paired(table, "A", ["m"]).assign(against="A")
+    b, c = experiment.paired_findings(paired)
+    assert b == "B vs A, m: +0.5000 on average (per seed +0.5000 .. +0.5000, ahead in 2 of 2)"
+    assert c.endswith("ahead in 1 of 2): within the seed spread") and c.startswith("C vs A, m: +0.0000")
+    assert experiment.paired_findings(paired, ("other",)) == []
