@@ -11,19 +11,21 @@ Everything below the abstract's three sentences is frlab's design:
   observation says the statistics move smoothly between the two). In training a sample with w = 0
   is normalized by the clean branch's batch statistics (which it updates), w = 1 by the
   adversarial branch's, and 0 < w < 1 by the mixed running statistics as the batch found them
-  (updating neither). In eval
-  mode every sample uses the mixed running statistics: w = 0 is the clean branch exactly.
+  (updating neither). In eval mode every sample uses the mixed running statistics: w = 0 is the
+  clean branch exactly.
 * `AFANet`: an IR-ResNet whose every 2-D normalization is a DualBatchNorm2d (through the models'
   `norm_layer`), and `StrengthPredictor`, which reads w from the image's high-frequency residual
   (early features of its own, so that w is known before the backbone's first normalization).
   `model(x)` uses the predicted w; `model.fixed(w)` sets it, e.g. for the fixed-weight baseline.
-* `AdversarialTraining`: the batch transform. "standard" keeps the batch (w = 0); "madry" replaces it by
-  PGD at eps_max (w = 1); "dual" adds PGD at eps_max (w = 1) to the clean batch (w = 0); "afa"
+* `AdversarialTraining`: the batch transform. "standard" keeps the batch (w = 0); "madry"
+  replaces it by PGD at eps_max (w = 1); "dual" adds PGD at eps_max (w = 1) to the clean batch (w = 0); "afa"
   adds a third group attacked at strengths drawn from [0, eps_max], normalized at the w the
   predictor gives them (`predictor="end_to_end"`: w learned through the classification loss
   alone) or at the true strength eps / eps_max while the predictor regresses it
   (`predictor="strength"`, the default: the observation says the statistics are a smooth function
-  of the strength, so the strength is the weight to learn). `StrengthLoss` is that regression.
+  of the strength, so the strength is the weight to learn). `StrengthLoss` is that regression;
+  `fit_predictor` fits the predictor again after training, alone (Adam, the network frozen): at
+  the backbone's SGD rate the joint regression learns slowly.
 """
 
 from __future__ import annotations
