@@ -433,6 +433,20 @@ def bench_otface(problems: int = 256, side: int = 7, channels: int = 64):
     return rows
 
 
+def versus(size: str, base: tuple[str, float], candidate: tuple[str, float], baseline: str) -> list[dict]:
+    """The two rows of a comparison: (what, seconds) of the baseline, then of the candidate with its ratio."""
+    return [
+        {"what": base[0], "size": size, "seconds": base[1], "baseline": "-", "ratio": 1.0},
+        {
+            "what": candidate[0],
+            "size": size,
+            "seconds": candidate[1],
+            "baseline": baseline,
+            "ratio": candidate[1] / base[1],
+        },
+    ]
+
+
 def bench_quality(n: int = 100_000, identities: int = 1_000, D: int = 512, repeats: int = 12):
     """SDD-FIQA's pseudo-labels (24 + 24 draws per image, 12 repeats) against the bare similarity
     products of the same sampled pairs (the gathered dot products, in the same chunks)."""
@@ -454,22 +468,12 @@ def bench_quality(n: int = 100_000, identities: int = 1_000, D: int = 512, repea
         {"products": products, "labels": lambda: quality.pseudo_labels(x, labels, repeats=repeats)}, reps=1, warmup=0
     )
     size = f"{n:,} images, {identities:,} identities, D={D}, 24 + 24 pairs x {repeats} draws"
-    return [
-        {
-            "what": "similarities of the sampled pairs",
-            "size": size,
-            "seconds": t["products"],
-            "baseline": "-",
-            "ratio": 1.0,
-        },
-        {
-            "what": "SDD-FIQA pseudo-labels (sampling, W1, scaling)",
-            "size": size,
-            "seconds": t["labels"],
-            "baseline": "the products",
-            "ratio": t["labels"] / t["products"],
-        },
-    ]
+    return versus(
+        size,
+        ("similarities of the sampled pairs", t["products"]),
+        ("SDD-FIQA pseudo-labels (sampling, W1, scaling)", t["labels"]),
+        "the products",
+    )
 
 
 def bench_attacks(batch: int = 256, steps: int = 10, size: int = 32):
@@ -497,22 +501,9 @@ def bench_attacks(batch: int = 256, steps: int = 10, size: int = 32):
     with model.fixed(0.0):
         t = timeit_interleaved({"bare": bare, "pgd": pgd}, reps=5)
     size_s = f"{batch} images of {size} px, {steps} steps, AFANet ir8/4"
-    return [
-        {
-            "what": "forward + backward to the images",
-            "size": size_s,
-            "seconds": t["bare"],
-            "baseline": "-",
-            "ratio": 1.0,
-        },
-        {
-            "what": "PGD (L-inf, random start)",
-            "size": size_s,
-            "seconds": t["pgd"],
-            "baseline": "the passes",
-            "ratio": t["pgd"] / t["bare"],
-        },
-    ]
+    return versus(
+        size_s, ("forward + backward to the images", t["bare"]), ("PGD (L-inf, random start)", t["pgd"]), "the passes"
+    )
 
 
 LOAD = """

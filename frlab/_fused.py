@@ -126,12 +126,11 @@ def top_fraction(
     entries at or above t0 (about 2k of them), among which the exact top-k is taken. Where the
     bound was too high (fewer than k candidates above it), a second pass takes every candidate."""
     B, C = P.shape
-    cols = torch.arange(0, C, stride, device=P.device)
     sub = P[:, ::stride] * inv[::stride]  # the same products as the blocks' L = P inv
     sub[(labels % stride == 0).nonzero().squeeze(1), labels[labels % stride == 0] // stride] = float("-inf")
     if limit is not None:
         sub.masked_fill_(sub > limit[:, None], float("-inf"))
-    k_guess = math.ceil(fraction * C / len(cols) * int(torch.isfinite(sub).count_nonzero()))
+    k_guess = math.ceil(fraction * C / sub.shape[1] * int(torch.isfinite(sub).count_nonzero()))
     t0 = sub.view(-1).topk(min(sub.numel(), 2 * (k_guess // stride) + 16)).values[-1]  # ~2k + 16 stride above it
     for bound in (t0, float("-inf")):
         idx, n_pool = [], 0

@@ -128,7 +128,7 @@ def genuine_pairs_under_attack(
 
     model.eval()
     images, _, _ = data.batch(torch.arange(len(data)), device)
-    emb = torch.cat([_embed(model, images[k : k + 256]) for k in range(0, len(images), 256)])
+    emb = ev.embed(model, data, device=device)[0].to(device)  # clean, in eval mode
     scores = (emb[pairs.i] * emb[pairs.j]).sum(1)
     t, ok = ev.thresholds_at_fpr(scores[~pairs.same].cpu(), [fpr])
     if not bool(ok[0]):

@@ -450,15 +450,19 @@ class CIFP(Head):
         mean_sq = torch.zeros_like(cos_y).index_add(0, i, v * v) / count
         return (1 + (xn * wy).sum(1).clamp(-1, 1)) * mean_sq
 
+    def _shift(self, i: torch.Tensor, B: int, dtype: torch.dtype) -> torch.Tensor:
+        """The paper form's log(1 + w r_i) (B,), r_i = FPR_i / mean FPR from the false positives' rows i."""
+        fpr = torch.bincount(i, minlength=B).to(dtype) / (self.num_classes - 1)
+        ratio = fpr / fpr.mean() if len(i) else torch.zeros_like(fpr)
+        return torch.log1p(self.penalty_weight * ratio)
+
     def _loss(self, xn, labels, cos, cos_y, i, j, reduction: str) -> torch.Tensor:
         """The loss, both forms, from the cosines and the false positives (i, j)."""
         if self.form == "code":
             target = cos_y - self.m - self._penalty(xn, labels, cos_y, i, j)
             logits = cos.scatter(1, labels[:, None], target[:, None])
             return F.cross_entropy(self.s * logits, labels, reduction=reduction)
-        fpr = torch.bincount(i, minlength=len(labels)).to(cos.dtype) / (self.num_classes - 1)
-        ratio = fpr / fpr.mean() if len(i) else torch.zeros_like(fpr)
-        shift = torch.log1p(self.penalty_weight * ratio)[:, None]
+        shift = self._shift(i, len(labels), cos.dtype)[:, None]
         logits = (self.s * cos + shift).scatter(1, labels[:, None], (self.s * (cos_y - self.m))[:, None])
         return F.cross_entropy(logits, labels, reduction=reduction)
 
@@ -472,7 +476,7 @@ class CIFP(Head):
         cos_y = cos.gather(1, labels[:, None]).squeeze(1)
         return self._loss(F.normalize(x, dim=1), labels, cos, cos_y, i, j, reduction)
 
-    SUBSAMPLE = 16  # every 16th candidate bounds the threshold from below before the exact top-k
+    SUBSAMPLE = 16  # every 16th class bounds the threshold from below before the exact top-k
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """`reference`, by the fused kernel of the margin heads (`_fused.cosine_cross_entropy`):
@@ -495,9 +499,7 @@ class CIFP(Head):
             dT = torch.full_like(cos_y, s if grad else 0.0)  # d T / d cos_y
         i, j = flat // w.shape[0], flat % w.shape[0]
         if self.form == "paper":
-            fpr = torch.bincount(i, minlength=len(labels)).to(cos_y.dtype) / (self.num_classes - 1)
-            ratio = fpr / fpr.mean() if len(i) else torch.zeros_like(fpr)
-            shift = RowShift(torch.log1p(self.penalty_weight * ratio))
+            shift = RowShift(self._shift(i, len(labels), cos_y.dtype))
             loss, _ = cosine_cross_entropy(xn, w, labels, c_y, s * (cos_y - self.m), dT, s, shift, reduction, P=P)
             return loss
         p = self._penalty(xn, labels, cos_y, i, j)

@@ -140,12 +140,13 @@ def distances(
         for s in range(0, len(labels), chunk):
             r = slice(s, s + chunk)
             xi = x[r].unsqueeze(1)
+            pv, nv = pos[r] >= 0, neg[r] >= 0
             cp = (xi * x[pos[r].clamp(min=0).to(x.device)]).sum(2).cpu()
             cn = (xi * x[neg[r].clamp(min=0).to(x.device)]).sum(2).cpu()
-            d = wasserstein_1d(cp, pos[r] >= 0, cn, neg[r] >= 0)
+            d = wasserstein_1d(cp, pv, cn, nv)
             if signed:
-                mp = (cp.double() * (pos[r] >= 0)).sum(1) / (pos[r] >= 0).sum(1)
-                mn = (cn.double() * (neg[r] >= 0)).sum(1) / (neg[r] >= 0).sum(1)
+                mp = (cp.double() * pv).sum(1) / pv.sum(1)
+                mn = (cn.double() * nv).sum(1) / nv.sum(1)
                 d = d * torch.sign(mp - mn)
             total[r] += d
     return total / repeats
@@ -214,27 +215,26 @@ def with_targets(data, targets: torch.Tensor):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, head: QualityHead, data, device: str = "cpu", batch_size: int = 256) -> torch.Tensor:
-    """The regressor's quality of every image of `data`, (N,) on the CPU."""
+def _per_image(model: nn.Module, data, fn, device: str, batch_size: int) -> torch.Tensor:
+    """fn(model(images)) for every image of `data`, batch by batch, in eval mode; (N,) on the CPU."""
     model.eval().to(device)
-    head.eval().to(device)
     out = []
     for s in range(0, len(data), batch_size):
         images, _, _ = data.batch(torch.arange(s, min(s + batch_size, len(data))), device)
-        out.append(head.predict(model(images).float()).cpu())
+        out.append(fn(model(images).float()).cpu())
     return torch.cat(out)
 
 
-@torch.no_grad()
+def predict(model: nn.Module, head: QualityHead, data, device: str = "cpu", batch_size: int = 256) -> torch.Tensor:
+    """The regressor's quality of every image of `data`, (N,) on the CPU."""
+    head.eval().to(device)
+    return _per_image(model, data, head.predict, device, batch_size)
+
+
 def embedding_norm(model: nn.Module, data, device: str = "cpu", batch_size: int = 256) -> torch.Tensor:
     """|f(x)| of every image before normalization: a quality score that needs no training (a plain
     softmax model's norm grows with how confidently it places an image). (N,) on the CPU."""
-    model.eval().to(device)
-    out = []
-    for s in range(0, len(data), batch_size):
-        images, _, _ = data.batch(torch.arange(s, min(s + batch_size, len(data))), device)
-        out.append(torch.linalg.vector_norm(model(images).float(), dim=1).cpu())
-    return torch.cat(out)
+    return _per_image(model, data, lambda e: torch.linalg.vector_norm(e, dim=1), device, batch_size)
 
 
 # ---------------------------------------------------------------- error versus reject
