@@ -114,6 +114,9 @@ class RowShift:
         pass
 
 
+SEARCH_BLOCK = 2**20  # logits per block of `top_fraction`'s pass on the CPU (4 MiB of float32)
+
+
 def top_fraction(
     P: torch.Tensor, inv: torch.Tensor, labels: torch.Tensor, fraction: float, limit: torch.Tensor | None, stride: int
 ) -> torch.Tensor:
@@ -124,8 +127,12 @@ def top_fraction(
     One pass over the rows, block by block, nothing B x C made: a lower bound t0 of the k-th
     largest from every `stride`-th class; then per block the count of candidates and the
     entries at or above t0 (about 2k of them), among which the exact top-k is taken. Where the
-    bound was too high (fewer than k candidates above it), a second pass takes every candidate."""
+    bound was too high (fewer than k candidates above it), a second pass takes every candidate.
+    Its blocks are larger than the kernel's (SEARCH_BLOCK logits) and use every thread: a few
+    compares and counts per block, long enough parallel regions to keep their speed on a loaded
+    machine, where the kernel's many short ones need `serial_on_cpu`."""
     B, C = P.shape
+    rows = max(1, (_CosineCrossEntropy.CUDA_BLOCK if P.is_cuda else SEARCH_BLOCK) // C)
     sub = P[:, ::stride] * inv[::stride]  # the same products as the blocks' L = P inv
     sub[(labels % stride == 0).nonzero().squeeze(1), labels[labels % stride == 0] // stride] = float("-inf")
     if limit is not None:
@@ -134,12 +141,12 @@ def top_fraction(
     t0 = sub.view(-1).topk(min(sub.numel(), 2 * (k_guess // stride) + 16)).values[-1]  # ~2k + 16 stride above it
     for bound in (t0, float("-inf")):
         idx, n_pool = [], 0
-        with serial_on_cpu(P, _CosineCrossEntropy.SERIAL_BLOCKS):
-            for r in _CosineCrossEntropy._blocks(P):
-                L = torch.mul(P[r], inv)
-                if limit is not None:
-                    n_pool += int(torch.count_nonzero(L <= limit[r, None])) - L.shape[0]  # a target is at its limit
-                idx.append((L >= bound).view(-1).nonzero().squeeze(1) + r.start * C)
+        for start in range(0, B, rows):
+            r = slice(start, start + rows)
+            L = torch.mul(P[r], inv)
+            if limit is not None:
+                n_pool += int(torch.count_nonzero(L <= limit[r, None])) - L.shape[0]  # a target is at its limit
+            idx.append((L >= bound).view(-1).nonzero().squeeze(1) + start * C)
         idx = torch.cat(idx)
         i, j = idx // C, idx % C
         val = P.view(-1)[idx] * inv[j]

@@ -169,7 +169,7 @@ def test_forward_computes_the_reference(form, far, reduction):
 @pytest.mark.parametrize("block", [None, 600])
 def test_the_fast_threshold_finds_the_same_false_positives_even_when_its_bound_fails(form, block, monkeypatch):
     if block:  # blocks of 3 rows: the search runs over several
-        monkeypatch.setattr(_fused._CosineCrossEntropy, "BLOCK", block)
+        monkeypatch.setattr(_fused, "SEARCH_BLOCK", block)
     g = torch.Generator().manual_seed(2)
     B, C = 64, 200
     labels = torch.randint(0, C, (B,), generator=g)
