@@ -23,6 +23,11 @@ abstract, every choice is frlab's:
   Gaussian-kernel MMD), the high half detached so that it is the target; and
   disentanglement, the squared cross-correlation between identity and non-identity features
   over the batch (a decorrelation: non-identity features carry no linear trace of identity).
+* `fit_decoder`, the normalizer's second stage: the encoder frozen, the decoder alone fit by Adam
+  to map the features of degraded training faces to their full-resolution renders (paired data).
+  Trained jointly at the backbone's SGD learning rate and a recognition budget of steps, the
+  decoder's faces stay blurred toward an average face; this stage gives it the steps it needs
+  without changing what the recognizer learned.
 """
 
 from __future__ import annotations
@@ -224,3 +229,57 @@ class FANLoss(HParams, nn.Module):
             + self.align_weight * p["alignment"]
             + self.disentangle_weight * p["disentanglement"]
         )
+
+
+def fit_decoder(
+    model: FANNet,
+    data,
+    steps: int = 1000,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    max_factor: float = 8.0,
+    repeats: int = 4,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[float]:
+    """Fit `model.decoder` alone (the encoder frozen, in eval mode) by Adam: each training face of
+    `data` degraded `repeats` times at random factors (log-uniform in [1, max_factor]), its
+    features computed once, and the decoder trained for `steps` batches to reconstruct the
+    full-resolution face from them (L1). Returns the loss of every step; the model ends in eval mode."""
+    from tqdm.auto import tqdm
+
+    checks.integer("steps", steps, lo=1)
+    checks.number("lr", lr, above=0)
+    checks.integer("batch_size", batch_size, lo=1)
+    checks.number("max_factor", max_factor, lo=1)
+    checks.integer("repeats", repeats, lo=1)
+    g = torch.Generator().manual_seed(checks.integer("seed", seed, lo=0))
+    model.eval()
+    features, index = [], []
+    with torch.no_grad():
+        for _ in range(repeats):
+            for start in range(0, len(data), 256):
+                rows = torch.arange(start, min(start + 256, len(data)))
+                images = data.batch(rows, device)[0]
+                f = torch.exp(torch.rand(len(rows), generator=g) * math.log(max_factor))
+                low = degrade(images, f.to(images.device))
+                out = model.outputs(low)
+                features.append(torch.cat([out["embedding"], out["nonid"]], 1))
+                index.append(rows)
+    features, index = torch.cat(features), torch.cat(index)
+    opt = torch.optim.Adam(model.decoder.parameters(), lr=lr)
+    model.decoder.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="decoder", disable=not progress, leave=False):
+        pick = torch.randint(len(features), (batch_size,), generator=g)
+        f = features[pick.to(features.device)]
+        target = data.batch(index[pick], device)[0]
+        recon = model.reconstruct(f[:, : model.id_dim], f[:, model.id_dim :])
+        loss = F.l1_loss(recon, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses

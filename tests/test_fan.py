@@ -142,3 +142,31 @@ def test_a_batch_without_halves_is_refused():
             fan.FANLoss(tr.model, **kw)
     with pytest.raises(ValueError):
         fan.ScaleAugment("bicubic")
+
+
+def test_fit_decoder_trains_the_decoder_alone_and_lowers_its_error():
+    torch.manual_seed(0)
+    model = fan.FANNet("ir8", width=0.25, input_size=32, id_dim=8, nonid_dim=4)
+    faces = data(16)  # flat colours: a face the decoder can learn from the features in a few steps
+    colours = (torch.rand(16, 3, 1, 1, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    faces = FaceTensors(colours.expand(16, 3, 32, 32).contiguous(), faces.labels, faces.meta, 4, "flat")
+    images = faces.batch(torch.arange(16), "cpu")[0]
+    with torch.no_grad():  # the encoder's normalization statistics from these faces, as training leaves them
+        for _ in range(30):
+            model.outputs(images)
+    encoder = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+
+    def error():
+        model.eval()
+        with torch.no_grad():
+            out = model.outputs(images)
+            return float((model.reconstruct(out["embedding"], out["nonid"]) - images).abs().mean())
+
+    before = error()
+    losses = fan.fit_decoder(model, faces, steps=60, batch_size=8, max_factor=1.0, repeats=1, progress=False)
+    assert len(losses) == 60 and not model.training
+    assert error() < 0.9 * before
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, encoder[k]), k
+    with pytest.raises(ValueError):
+        fan.fit_decoder(model, faces, steps=0)
