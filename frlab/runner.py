@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import sweep
 
         return sweep.main(argv[1:])
+    if argv[:1] == ["train"]:
+        from . import job
+
+        return job.main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m frlab", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute notebooks headlessly with papermill")
@@ -273,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         help="root folder of the runs (default: runs/ of the workbook, see frlab.paths)",
     )
     sub.add_parser("sweep", help="a grid of runs of one notebook and one table of them (see `sweep --help`)")
+    sub.add_parser("train", help="one training job from a config, on one process or under torchrun (`train --help`)")
     pp = sub.add_parser("params", help="list a notebook's parameters: name, type, default, smoke value")
     pp.add_argument("notebook", metavar="NOTEBOOK", help="path, file name or stem (00_quickstart, quickstart)")
     rp = sub.add_parser("report", help="the results section, generated from the latest full run of each notebook")

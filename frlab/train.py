@@ -24,6 +24,12 @@ One training step, `Trainer.train_step`:
 * Deterministic: the batch order of epoch e and the RNG used inside it derive from (seed, e), so a
   run resumed from the checkpoint of epoch e ends with the same weights as an uninterrupted one.
 * Checkpoints are written atomically after every epoch and loaded with weights_only=True.
+* Under `torchrun` (a process group of W > 1 ranks, `frlab.distributed`) the same code trains one
+  job: every rank draws the same global batches and takes its share of each, the backbone is
+  wrapped in DDP, the head becomes this rank's `ShardedHead` (rows of the proxies; the loss is the
+  global batch's), gradients are clipped by their global norm, and a checkpoint is a folder with
+  one file per rank (its rows and their optimizer state) and a manifest: it loads at any world
+  size. The backbone's BatchNorm statistics are each rank's own, as in every DDP job.
 * `fit_cached` trains once per distinct (model, head, terms, data, config, code) and reloads
   afterwards, so notebooks share baselines; `finetune` does the same on copies of a trained model.
 """
@@ -155,8 +161,19 @@ class Trainer:
         views: Mapping[str, Any] | None = None,
         track: Mapping[str, Callable[[Trainer], float]] | None = None,
     ):
+        from . import distributed
+
         self.cfg = cfg or TrainConfig()
         self.device = torch.device(self.cfg.device)
+        self.rank, self.world = distributed.world()
+        if self.world > 1:
+            if extra or transforms or views:
+                raise ValueError(
+                    "under torch.distributed the Trainer trains a backbone and a head: extra terms, "
+                    "transforms and views are single-process for now"
+                )
+            if not isinstance(head, distributed.ShardedHead):
+                head = distributed.ShardedHead(head, seed=self.cfg.seed)  # grad_scale = W under DDP
         self.model, self.head, self.data = model, head, data
         self.extra, self.transforms = dict(extra or {}), list(transforms)
         self.views = dict(views or {})
@@ -191,6 +208,7 @@ class Trainer:
             self.opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.steps_per_epoch = max(1, len(data) // self.cfg.batch_size)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.ddp = nn.parallel.DistributedDataParallel(model) if self.world > 1 else None
         self.epoch, self.step = 0, 0
         self.history: list[dict[str, float]] = []  # one row per step
 
@@ -236,10 +254,15 @@ class Trainer:
 
     def batch(self, index: torch.Tensor) -> Batch:
         """The samples `index` on the device, with their paired views, flipped at random (alike)."""
+        n = len(index)  # under torch.distributed: the global batch, of which this rank takes its share
+        part = torch.arange(n).tensor_split(self.world)[self.rank] if self.world > 1 else None
+        if part is not None:
+            index = index[part]
         images, labels, meta = self.data.batch(index, self.device)
         views = {name: view.batch(index, self.device)[0] for name, view in self.views.items()}
         if self.cfg.flip:
-            flip = (torch.rand(len(images), device=self.device) < 0.5)[:, None, None, None]
+            flip = torch.rand(n, device=self.device) < 0.5  # drawn for the global batch: ranks agree
+            flip = (flip if part is None else flip[part.to(self.device)])[:, None, None, None]
             images = torch.where(flip, images.flip(3), images)
             views = {name: torch.where(flip, v.flip(3), v) for name, v in views.items()}
         return Batch(images, labels, meta, views, index)
@@ -247,6 +270,8 @@ class Trainer:
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One forward of the model: the embedding and whatever model outputs the terms need."""
         want = self.needs - set(HEAD_OUTPUTS)
+        if self.ddp is not None:  # through DDP's forward, so that its backward averages the gradients
+            return {"embedding": self.ddp(batch.images)}
         if hasattr(self.model, "outputs"):
             return self.model.outputs(batch.images, want)
         if want:
@@ -287,7 +312,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.cfg.grad_clip)
+            self._clip_gradients()
         self.opt.step()
         self.sched.step()
         row = {"step": self.step, "epoch": self.epoch, "loss": total.item(), "lr": self.opt.param_groups[0]["lr"]}
@@ -296,16 +321,36 @@ class Trainer:
         row.update({k: float(fn(self)) for k, fn in self.track.items()})
         return row
 
+    def _clip_gradients(self) -> None:
+        """Scale every gradient so that their global norm is at most cfg.grad_clip. Under
+        torch.distributed the backbone's (averaged, the same on every rank) count once and the
+        head's shards add up over ranks."""
+        params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        if self.world == 1:
+            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            return
+        from . import distributed
+
+        shard = {id(p) for p in self.head.parameters()}
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        replicated = sum((p.grad.double().pow(2).sum() for p in params if id(p) not in shard), zero)
+        own = sum((p.grad.double().pow(2).sum() for p in params if id(p) in shard), zero)
+        total = torch.sqrt(replicated + distributed.all_sum(own))
+        scale = (self.cfg.grad_clip / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(scale.to(p.grad.dtype))
+
     def fit(self) -> list[dict[str, float]]:
         """Train until cfg.epochs, resuming from cfg.checkpoint if it exists. Returns the history."""
         from tqdm.auto import tqdm
 
         ckpt = Path(self.cfg.checkpoint) if self.cfg.checkpoint else None
-        if ckpt and ckpt.exists():
+        if ckpt and (ckpt / "manifest.json" if ckpt.is_dir() else ckpt).exists():
             self.load(ckpt)
         self.net.train()
         total = self.cfg.epochs * self.steps_per_epoch
-        bar = tqdm(total=total, initial=self.step, desc="training", disable=not self.cfg.progress, leave=False)
+        quiet = not self.cfg.progress or self.rank > 0
+        bar = tqdm(total=total, initial=self.step, desc="training", disable=quiet, leave=False)
         while self.epoch < self.cfg.epochs:
             torch.manual_seed(_epoch_seed(self.cfg.seed, self.epoch) + 1)  # flips, dropout
             for index in self.batches(self.epoch):
@@ -334,7 +379,13 @@ class Trainer:
         }
 
     def save(self, path: str | Path) -> None:
-        """Write a checkpoint atomically (a crash mid-write leaves the previous one intact)."""
+        """Write a checkpoint atomically (a crash mid-write leaves the previous one intact). Under
+        torch.distributed, `path` is a folder of shards (`distributed.save_sharded`)."""
+        if self.world > 1 or Path(path).is_dir():
+            from . import distributed
+
+            distributed.save_sharded(self, path)
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -342,6 +393,12 @@ class Trainer:
         os.replace(tmp, path)
 
     def load(self, path: str | Path) -> None:
+        """Load a checkpoint: a file, or a folder of shards written at any world size."""
+        if Path(path).is_dir():
+            from . import distributed
+
+            distributed.load_sharded(self, path)
+            return
         state = torch.load(path, map_location=self.device, weights_only=True)
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["optimizer"])
