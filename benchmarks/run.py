@@ -543,6 +543,51 @@ def bench_loaded(C: int = 50_000, B: int = 512, D: int = 512):
     return rows
 
 
+def _sharded_step(C: int, B: int, D: int) -> dict:
+    """On each rank: the memory its shard of a CosFace head costs (RSS growth from before the head
+    to the peak of a second forward + backward) and the step's time."""
+    from frlab import distributed
+
+    rank, world = distributed.world()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, generator=g)[torch.arange(B).tensor_split(world)[rank]].requires_grad_(True)
+    labels = torch.randint(0, C, (B,), generator=g)[torch.arange(B).tensor_split(world)[rank]]
+    Path("/proc/self/clear_refs").write_text("5")
+    before = rss_kib("VmRSS")
+    torch.manual_seed(0)
+    head = distributed.ShardedHead(heads.CosFace(D, C))
+    head(x, labels).backward()  # the gradients' buffers
+    start = time.perf_counter()
+    head(x, labels).backward()
+    return {"seconds": time.perf_counter() - start, "mib": (rss_kib("VmHWM") - before) / 1024}
+
+
+def bench_sharded(C: int = 100_000, B: int = 512, D: int = 512):
+    """The sharded head's memory per rank at W = 1 and 2 (gloo processes, one thread each): proxies,
+    their gradient and the logits' block all split by W; the B x D gathered batch is not."""
+    from frlab import distributed
+
+    if not Path("/proc/self/clear_refs").exists():
+        return [{"what": "sharded CosFace", "note": "skipped: no /proc/self/clear_refs"}]
+    rows, base = [], None
+    for W in (1, 2):
+        ranks = distributed.launch(_sharded_step, W, C, B, D)
+        mib = max(r["mib"] for r in ranks)
+        base = base or mib
+        rows.append(
+            {
+                "what": f"sharded CosFace, W = {W}, per rank",
+                "size": f"B={B} (global) D={D} C={C:,}",
+                "seconds": max(r["seconds"] for r in ranks),
+                "peak_mib": mib,
+                "baseline": "W = 1",
+                "mem_ratio": mib / base,
+                "note": "one thread per rank; the largest rank",
+            }
+        )
+    return rows
+
+
 def notebook_times():
     """Wall time of each notebook's latest smoke and default run found under runs/."""
     rows = []
@@ -616,7 +661,7 @@ def main() -> int:
         "--only",
         default="",
         help="comma-separated: heads, cuda, verification, identification, trainer, render, otface, quality, "
-        "attacks, loaded, notebooks",
+        "attacks, loaded, sharded, notebooks",
     )
     ap.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -635,6 +680,7 @@ def main() -> int:
         "quality": bench_quality,
         "attacks": bench_attacks,
         "loaded": bench_loaded,
+        "sharded": bench_sharded,
         "notebooks": notebook_times,
     }
     chosen = [s for s in args.only.split(",") if s] or list(suites)
