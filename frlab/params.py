@@ -3,13 +3,17 @@
 Every notebook has one code cell tagged `parameters` (papermill's convention). Each line in it is
 an annotated assignment of a literal, optionally followed by the value used in smoke runs:
 
-    steps: int = 400        # smoke: 20
+    steps: int = 400        # smoke: 20; range: [1, inf)
     k: int = 4              # smoke: 2; anything after a semicolon is a note
+    margin: float = 0.5     # range: [0, 1.5708]; ArcFace's m
     heads: list[str] = ["arcface", "cosface"]
     run_dir: str = ""       # set by the runner: where metrics.json and figures/ go
 
+A comment is parts separated by semicolons: `smoke: <literal>`, `range: <interval>` (`[lo, hi]`,
+either end open with a parenthesis, `inf` for no bound; for a list, each item) and notes.
 `read_parameters` returns them in order; `coerce` turns a command-line string into a value of the
-declared type or raises `ParameterError` with a message that lists every valid parameter.
+declared type or raises `ParameterError` with a message that lists every valid parameter; a value
+outside its declared range is refused there too, before any kernel starts.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 
 SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 RESERVED = {"run_dir"}  # set by the runner, never by the user
-_SMOKE = re.compile(r"#\s*smoke:\s*([^;]+?)\s*(;.*)?$")
+_INTERVAL = re.compile(r"^([\[(])\s*(-?inf|[-+0-9.e]+)\s*,\s*(-?inf|[-+0-9.e]+)\s*([\])])$")
 
 
 class ParameterError(ValueError):
@@ -39,20 +43,46 @@ class Parameter:
     default: Any
     smoke: Any = None
     has_smoke: bool = False
+    range: str = ""  # e.g. "[0, 1.5708]", "(0, inf)"; "" for none
 
     def check(self, value: Any, where: str = "") -> Any:
-        """Return `value` if it fits the declared type (ints are accepted as floats)."""
+        """Return `value` if it fits the declared type (ints are accepted as floats) and range."""
         if self.type.startswith("list["):
-            item = Parameter(self.name, self.type[5:-1], None)
+            item = Parameter(self.name, self.type[5:-1], None, range=self.range)
             if not isinstance(value, list):
                 raise ParameterError(f"{self.name}{where}: expected {self.type}, got {value!r}")
             return [item.check(v, where) for v in value]
         kind = SCALARS[self.type]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if type(value) is not kind:
+            value = float(value)
+        elif type(value) is not kind:
             raise ParameterError(f"{self.name}{where}: expected {self.type}, got {value!r}")
+        if self.range and not in_interval(value, self.range):
+            raise ParameterError(f"{self.name}{where}: {value!r} is outside its range {self.range}")
         return value
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether a number lies in an interval written `[lo, hi]` (parentheses for open ends)."""
+    m = _INTERVAL.match(interval)
+    lo, hi = float(m.group(2)), float(m.group(3))
+    above = value >= lo if m.group(1) == "[" else value > lo
+    below = value <= hi if m.group(4) == "]" else value < hi
+    return above and below
+
+
+def _comment(text: str, where: str) -> tuple[str | None, str]:
+    """(the smoke literal's source or None, the range or "") from a parameter line's comment."""
+    smoke, interval = None, ""
+    for part in text.lstrip("#").split(";"):
+        part = part.strip()
+        if part.startswith("smoke:"):
+            smoke = part[len("smoke:") :].strip()
+        elif part.startswith("range:"):
+            interval = part[len("range:") :].strip()
+            if not _INTERVAL.match(interval):
+                raise ParameterError(f"{where}: range {interval!r} is not an interval like [0, 1] or (0, inf)")
+    return smoke, interval
 
 
 def _annotation(node: ast.expr, src: str) -> str:
@@ -80,19 +110,23 @@ def parse_parameters(src: str) -> dict[str, Parameter]:
     """Parse the source of a parameters cell into {name: Parameter}."""
     comments = {}
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        if tok.type == tokenize.COMMENT and (m := _SMOKE.search(tok.string)):
-            comments[tok.start[0]] = m.group(1)
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string
     params: dict[str, Parameter] = {}
     for stmt in ast.parse(src).body:
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None):
             line = ast.get_source_segment(src, stmt)
             raise ParameterError(f"parameters cell: every line must be `name: type = literal`, not {line!r}")
         name = stmt.target.id
-        p = Parameter(name, _annotation(stmt.annotation, src), None)
+        lines = range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1)  # a formatter may wrap a long one
+        smoke_src, interval = _comment(" ; ".join(comments.get(n, "") for n in lines), name)
+        kind = _annotation(stmt.annotation, src)
+        if interval and kind.removeprefix("list[").removesuffix("]") not in ("int", "float"):
+            raise ParameterError(f"{name}: a range is for numbers, not {kind}")
+        p = Parameter(name, kind, None, range=interval)
         default = p.check(ast.literal_eval(stmt.value), " (default)")
-        smoke_src = comments.get(stmt.lineno)
         smoke = p.check(_literal(smoke_src, f"{name} (smoke)"), " (smoke)") if smoke_src is not None else None
-        params[name] = Parameter(name, p.type, default, smoke, smoke_src is not None)
+        params[name] = Parameter(name, p.type, default, smoke, smoke_src is not None, interval)
     return params
 
 
@@ -114,7 +148,7 @@ def describe(params: dict[str, Parameter]) -> str:
 
 
 def coerce(params: dict[str, Parameter], name: str, text: str) -> Any:
-    """Convert a command-line string to the declared type of parameter `name`."""
+    """Convert a command-line string to the declared type of parameter `name`, within its range."""
     if name not in params or name in RESERVED:
         why = "is set by the runner (use --out)" if name in RESERVED else "is not a parameter"
         raise ParameterError(f"{name!r} {why}; valid parameters: {describe(params)}")
@@ -135,6 +169,7 @@ def coerce(params: dict[str, Parameter], name: str, text: str) -> Any:
             )
         else:
             value = ast.literal_eval(text.strip())
-        return p.check(value)
+        value = Parameter(name, p.type, None).check(value)  # the type, without the range
     except (ValueError, SyntaxError, ParameterError):
         raise ParameterError(f"{name}={text!r} is not a valid {p.type}; valid parameters: {describe(params)}") from None
+    return p.check(value)  # the range: its own message

@@ -334,12 +334,12 @@ def params_main(name: str) -> int:
     except (ParameterError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = [("name", "type", "default", "smoke")] + [
-        (p.name, p.type, repr(p.default), repr(p.smoke) if p.has_smoke else "")
+    rows = [("name", "type", "default", "smoke", "range")] + [
+        (p.name, p.type, repr(p.default), repr(p.smoke) if p.has_smoke else "", p.range)
         for p in params.values()
         if p.name != "run_dir"
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     print(f"{nb.stem}: python -m frlab run {nb.stem} -p NAME VALUE ... [--smoke]")
     for r in rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

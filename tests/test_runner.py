@@ -91,6 +91,54 @@ def test_bad_values_name_every_valid_parameter(name, text, message):
         coerce(parse_parameters(CELL), name, text)
 
 
+RANGED = """
+steps: int = 400  # smoke: 20; range: [1, inf); a note
+rate: float = 0.1  # range: (0, 1]
+sizes: list[int] = [32, 64]  # range: [16, 128]
+"""
+
+
+@pytest.mark.parametrize(
+    "name, text, ok",
+    [("steps", "1", True), ("steps", "0", False), ("rate", "1", True), ("rate", "0", False), ("rate", "1.01", False)]
+    + [("sizes", "16,128", True), ("sizes", "16,129", False)],
+)
+def test_declared_ranges_are_checked_ends_included_or_not(name, text, ok):
+    p = parse_parameters(RANGED)
+    assert (p["steps"].smoke, p["steps"].range, p["rate"].range) == (20, "[1, inf)", "(0, 1]")
+    if ok:
+        coerce(p, name, text)
+    else:
+        with pytest.raises(ParameterError, match=f"^{name}: .* is outside its range"):
+            coerce(p, name, text)
+
+
+@pytest.mark.parametrize(
+    "src, message",
+    [
+        ("steps: int = 0  # range: [1, inf)", r"steps \(default\): 0 is outside"),
+        ("steps: int = 3  # smoke: 0; range: [1, inf)", r"steps \(smoke\): 0 is outside"),
+        ("steps: int = 3  # range: 1 to 5", "is not an interval"),
+        ('name: str = "a"  # range: [0, 1]', "a range is for numbers"),
+    ],
+)
+def test_bad_ranges_and_defaults_outside_them_are_rejected(src, message):
+    with pytest.raises(ParameterError, match=message):
+        parse_parameters(src)
+
+
+def test_every_numeric_parameter_of_every_notebook_declares_its_range():
+    from frlab.params import read_parameters
+
+    missing = [
+        f"{nb.stem}: {p.name}"
+        for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+        for p in read_parameters(nb).values()
+        if p.type.removeprefix("list[").removesuffix("]") in ("int", "float") and not p.range
+    ]
+    assert not missing, missing
+
+
 def test_plan_applies_smoke_then_overrides():
     nb = resolve("00_quickstart")
     defaults = plan(nb, [], smoke=False).values
@@ -113,6 +161,16 @@ def cli(*args):
             ["run", "00_quickstart", "-p", "epochs", "three"],
             "error: 00_quickstart: epochs='three' is not a valid int; valid parameters:",
         ),
+        (
+            ["run", "00_quickstart", "-p", "epochs", "0"],
+            "error: 00_quickstart: epochs: 0 is outside its range [1, inf)",
+        ),
+        (
+            ["run", "00_quickstart", "-p", "margin", "-2"],
+            "error: 00_quickstart: margin: -2.0 is outside its range [0, 2)",
+        ),
+        (["run", "12_fan", "-p", "margin", "5"], "error: 12_fan: margin: 5.0 is outside its range [0, 1.5708]"),
+        (["run", "12_fan", "-p", "levels", "1,2"], "error: 12_fan: levels: 1.0 is outside its range (1, inf)"),
         (["run", "99_nothing"], "error: no notebook '99_nothing'; available: 00_quickstart"),
         (["run"], "error: no notebook given"),
     ],
@@ -130,8 +188,9 @@ def test_params_lists_every_parameter_with_type_default_and_smoke_value():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("07_npt: python -m frlab run 07_npt")
+    assert lines[1].split() == ["name", "type", "default", "smoke", "range"]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
-    assert rows["epochs"][1:] == ["int", "6", "1"]
+    assert rows["epochs"][1:] == ["int", "6", "1", "[1,", "inf)"]
     assert rows["k_values"][1] == "list[int]"
     assert rows["device"][1:] == ["str", "'cpu'"]  # no smoke value
     assert "run_dir" not in rows
