@@ -84,6 +84,16 @@ def training_curves(history: list[dict[str, float]], keys: tuple[str, ...] = ("l
         ax.plot(steps, y, alpha=0.25, color="C0", marker="o" if few else None)
         ax.plot(steps[w - 1 :], smooth, color="C0", marker="o" if few else None)
         ax.set(xlabel="step", title=key)
+        if len(y) < 3:
+            ax.text(
+                0.5,
+                0.1,
+                f"{len(y)} step{'s' * (len(y) != 1)}: too short a run for a curve",
+                ha="center",
+                transform=ax.transAxes,
+                fontsize=8,
+                color="0.4",
+            )
     fig.suptitle(title)
     return fig
 
@@ -132,7 +142,8 @@ def face_explorer(faces, label: int = 0, zoom: int = 4):
         )
     for name in ("glasses", "mask"):
         sliders[name] = w.Checkbox(value=False, description=name)
-    image = w.Image(format="png", width=faces.size * zoom, height=faces.size * zoom)
+    px = f"{faces.size * zoom}px"  # fixed: in a flex box an image stretches to its row's height
+    image = w.Image(format="png", layout=w.Layout(width=px, height=px, min_width=px, min_height=px))
 
     def update(_=None):
         values = {k: float(s.value) for k, s in sliders.items() if k != "label"}
@@ -144,7 +155,7 @@ def face_explorer(faces, label: int = 0, zoom: int = 4):
     for s in sliders.values():
         s.observe(update, names="value")
     update()
-    return w.HBox([w.VBox(list(sliders.values())), image])
+    return w.HBox([w.VBox(list(sliders.values())), image], layout=w.Layout(align_items="flex-start"))
 
 
 def _class_colors(n: int):
@@ -178,11 +189,18 @@ def circle_regions(head, n: int = 1441):
 
 
 def embedding_circle(
-    embeddings: torch.Tensor, labels: torch.Tensor, head, title: str = "", ax=None, jitter: float = 0.04
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    head,
+    title: str = "",
+    ax=None,
+    jitter: float = 0.04,
+    key: bool = False,
 ):
     """2-D embeddings on the unit circle with the class proxies (arrows) and two rings:
     inner, the inference regions (nearest proxy); outer, where a sample of each class is
-    classified *with the head's margin* (white = no class has its margin: the margin gap)."""
+    classified *with the head's margin* (white = no class has its margin: the margin gap).
+    With `key`, a legend of rings, arrows and dots below the circle."""
     emb = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=1)
     w = torch.nn.functional.normalize(head.weight.detach().float().cpu(), dim=1)
     if emb.shape[1] != 2:
@@ -201,6 +219,18 @@ def embedding_circle(
             "", xy=1.35 * w[c].numpy(), xytext=(0, 0), arrowprops=dict(arrowstyle="->", color=colors[c], lw=1.5)
         )
     gap = float((owner < 0).float().mean())  # share of angles that satisfy no class's margin
+    if key:
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+
+        gray = "0.45"
+        handles = [
+            Patch(color=gray, alpha=0.45, label="inner ring: nearest proxy (inference)"),
+            Patch(facecolor="white", edgecolor=gray, label="outer ring: class with its margin (white: none)"),
+            Line2D([], [], color=gray, marker=r"$\rightarrow$", ms=12, ls="", label="class proxy"),
+            Line2D([], [], color=gray, marker="o", ms=3, ls="", label="sample (jittered off the circle)"),
+        ]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, -0.02), fontsize=7, frameon=False)
     ax.set(aspect="equal", xlim=(-1.45, 1.45), ylim=(-1.45, 1.45), xticks=[], yticks=[])
     ax.set_title(title or type(head).__name__, fontsize=10)
     ax.text(0, -1.42, f"margin gap {gap:.0%} of the circle", ha="center", fontsize=8)
@@ -224,9 +254,11 @@ def embedding_sphere(embeddings: torch.Tensor, labels: torch.Tensor, head, title
     return ax.figure
 
 
-def target_logit_curves(s: float = 64.0, m_cos: float = 0.35, m_arc: float = 0.5, ax=None):
+def target_logit_curves(s: float = 64.0, m_cos: float = 0.35, m_arc: float = 0.5, ax=None, s_axis: float | None = None):
     """Target logit against the angle to the target proxy, for NormFace, CosFace and ArcFace
-    (with its fallback beyond theta + m > pi): the margin is how far each curve sits below NormFace."""
+    (with its fallback beyond theta + m > pi): the margin is how far each curve sits below NormFace.
+    `s_axis` fixes the y axis to the range of that scale (so that curves drawn at different s
+    compare by eye); by default it follows s."""
     from .heads import arc_target
 
     theta = torch.linspace(0, np.pi, 361, dtype=torch.float64)
@@ -239,12 +271,15 @@ def target_logit_curves(s: float = 64.0, m_cos: float = 0.35, m_arc: float = 0.5
     ax.axvline(np.degrees(np.pi - m_arc), color="0.6", ls=":", lw=1)
     ax.text(np.degrees(np.pi - m_arc), s * 0.9, " ArcFace fallback", fontsize=7, color="0.4")
     ax.set(xlabel="angle to the target proxy (degrees)", ylabel="target logit", title=f"target logits at s = {s:g}")
-    ax.legend(fontsize=8)
+    if s_axis is not None:
+        ax.set_ylim(-1.5 * s_axis, 1.05 * s_axis)
+    ax.legend(fontsize=8, loc="lower left")
     return fig
 
 
 def margin_explorer(s: float = 64.0, m_cos: float = 0.35, m_arc: float = 0.5):
-    """ipywidgets sliders for s and the margins that redraw the target-logit curves live."""
+    """ipywidgets sliders for s and the margins that redraw the target-logit curves live, on a y
+    axis fixed to the largest s: moving s stretches the curves instead of relabelling the axis."""
     import ipywidgets as w
 
     out = w.Output()
@@ -257,7 +292,7 @@ def margin_explorer(s: float = 64.0, m_cos: float = 0.35, m_arc: float = 0.5):
     def redraw(_=None):
         with out:
             out.clear_output(wait=True)
-            fig = target_logit_curves(**{k: v.value for k, v in sliders.items()})
+            fig = target_logit_curves(**{k: v.value for k, v in sliders.items()}, s_axis=sliders["s"].max)
             plt.show(fig)
 
     for sl in sliders.values():
