@@ -360,6 +360,9 @@ def report_main(args) -> int:
             bench = root / "bench" / "full.md"
             if bench.exists():
                 text = report.replace_block(text, bench.read_text(), report.BENCH_BEGIN, report.BENCH_END)
+            sweep = report.latest_sweep(root)
+            if sweep and report.SWEEP_BEGIN in text:
+                text = report.replace_block(text, sweep, report.SWEEP_BEGIN, report.SWEEP_END)
             args.readme.write_text(text)
         except (OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -284,6 +285,7 @@ def main(argv: list[str]) -> int:
     except (ParameterError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    (folder / "command.txt").write_text("python -m frlab sweep " + " ".join(shlex.quote(a) for a in argv) + "\n")
     print((folder / "summary.md").read_text())
     reused = int(table["reused"].sum())
     failed = table[table["status"] != "ok"]

@@ -102,3 +102,23 @@ def test_a_sweep_runs_on_a_dask_cluster(tmp_path):
     assert list(table["status"]) == ["ok", "ok"] and list(table["y"]) == [2.0, 6.0]
     again, _, _ = sweep.sweep(str(nb), [("x", "1,3")], out=out, progress=False)  # the cluster's runs are reused here
     assert again["reused"].all()
+
+
+def test_the_readme_block_shows_the_newest_full_sweep_with_its_command(tmp_path):
+    from frlab import report
+
+    nb, out = tiny(tmp_path), tmp_path / "runs"
+    assert report.latest_sweep(out) is None
+    r = subprocess.run(
+        [sys.executable, "-m", "frlab", "sweep", str(nb), "-p", "seed", "0,1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    block = report.latest_sweep(out)
+    assert block.startswith(f"`python -m frlab sweep {nb} -p seed 0,1 --out {out}`") and "2 runs" in block
+    assert "| runs |" in block and "y mean" in block
+    smoke = subprocess.run(
+        [sys.executable, "-m", "frlab", "sweep", str(nb), "-p", "seed", "3", "--smoke", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert smoke.returncode == 0 and report.latest_sweep(out) == block  # smoke sweeps are not results
