@@ -47,16 +47,25 @@ def latest_sweep(root: Path) -> str | None:
     )
 
 
-def latest_runs(root: Path, notebooks: list[str]) -> dict[str, Path]:
-    """The newest finished full-parameter run folder of each notebook that has one."""
+def latest_runs(root: Path, notebooks: list[str], defaults: dict[str, dict] | None = None) -> dict[str, Path]:
+    """The newest finished full-parameter run folder of each notebook that has one: among the runs
+    at the notebook's defaults (`defaults[stem]`, where given) if there is any, so that a sweep's
+    other points do not take the README's place; else among all of them."""
     found = {}
     for stem in notebooks:
         best = None
         for params in (root / stem).glob("*/params.json"):
             meta = json.loads(params.read_text())
             if meta.get("status") == "ok" and not meta.get("smoke") and (params.parent / "metrics.json").exists():
-                if best is None or meta.get("started", "") > best[0]:
-                    best = (meta.get("started", ""), params.parent)
+                values = {k: v for k, v in meta.get("parameters", {}).items() if k != "run_dir"}
+                at_defaults = (
+                    defaults is not None
+                    and stem in defaults
+                    and all(values.get(k, v) == v for k, v in defaults[stem].items() if k != "run_dir")
+                )
+                key = (at_defaults, meta.get("started", ""))
+                if best is None or key > best[0]:
+                    best = (key, params.parent)
         if best:
             found[stem] = best[1]
     return found
@@ -116,12 +125,12 @@ def section(stem: str, run_dir: Path, defaults: dict) -> str:
 def build(root: Path, notebooks: list[Path]) -> str:
     from .params import read_parameters
 
-    runs = latest_runs(root, [nb.stem for nb in notebooks])
+    defaults = {nb.stem: {k: p.default for k, p in read_parameters(nb).items()} for nb in notebooks}
+    runs = latest_runs(root, [nb.stem for nb in notebooks], defaults)
     parts = []
     for nb in notebooks:
         if nb.stem in runs:
-            defaults = {k: p.default for k, p in read_parameters(nb).items()}
-            parts.append(section(nb.stem, runs[nb.stem], defaults))
+            parts.append(section(nb.stem, runs[nb.stem], defaults[nb.stem]))
         else:
             parts.append(f"**{nb.stem}**: no finished full run under {root}.\n")
     return "\n".join(parts)

@@ -122,6 +122,14 @@ def test_report_takes_the_latest_finished_full_run_of_each_notebook(tmp_path):
     assert "STALE" not in new and "| m | 0.800 |" in new and new.endswith("after\n") and (runs / "results.md").exists()
     with pytest.raises(ValueError, match="no block"):
         report.replace_block("# no markers\n", "body")
+    # a run at the defaults (a sweep's first point, say) is preferred to a newer one that is not
+    at_defaults = fake_run(runs, "00_demo", "2026-12-01T14:00:00", auc=0.9)
+    meta = json.loads((at_defaults / "params.json").read_text())
+    meta["parameters"]["seed"] = 0
+    (at_defaults / "params.json").write_text(json.dumps(meta))
+    fake_run(runs, "00_demo", "2026-12-01T15:00:00", auc=0.6)  # seed 1: not the defaults
+    text = report.build(runs, [nb])
+    assert "run 2026-12-01 14:00" in text and "parameters: the defaults" in text
 
 
 def test_frlab_writes_under_its_home_never_inside_the_package(tmp_path, monkeypatch):
