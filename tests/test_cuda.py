@@ -124,3 +124,27 @@ def test_otface_and_both_sinkhorn_paths(kw):
     assert float(results[0][0]) > 0
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["arcface", "curricularface", "npt", "cifp"])
+def test_a_sharded_head_on_one_process_equals_its_head_on_the_device(kind):
+    """frlab.distributed's ShardedHead without a process group (W = 1) on DEVICE against the head on
+    the CPU: the sharded path's device handling (the NCCL path itself needs two GPUs)."""
+    from frlab import distributed
+
+    x, labels, _, _ = batch()
+    results = []
+    for dev in ("cpu", DEVICE):
+        torch.manual_seed(0)
+        head = heads.make_head(kind, x.shape[1], 8).to(dev)
+        sharded = distributed.ShardedHead(heads.make_head(kind, x.shape[1], 8)).to(dev)
+        sharded.weight.data.copy_(head.weight.data)
+        emb = x.to(dev).requires_grad_()
+        loss = sharded(emb, labels.to(dev))
+        loss.backward()
+        results.append((loss.detach().cpu(), emb.grad.cpu(), sharded.weight.grad.cpu()))
+    for a, b in zip(results[1], results[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    ref = heads.make_head(kind, x.shape[1], 8)
+    ref.weight.data.copy_(head.weight.data.cpu())
+    torch.testing.assert_close(results[0][0], ref(x, labels).detach(), rtol=1e-5, atol=1e-6)
