@@ -24,8 +24,10 @@ import itertools
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -96,6 +98,23 @@ def find_run(out: Path, notebook: Path, values: dict[str, Any], smoke: bool, dig
     return best
 
 
+_RUNNING: set[subprocess.Popen] = set()  # the points' processes now running (this process's threads)
+_LOCK = threading.Lock()
+
+
+def _interrupt_running(timeout_s: float = 60.0) -> None:
+    """Ctrl-C: pass it on to every running point (each marks its run folder interrupted) and wait."""
+    with _LOCK:
+        procs = list(_RUNNING)
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def run_point(
     notebook: Path, values: dict[str, Any], smoke: bool, out: Path, threads: int | None
 ) -> tuple[Path | None, str]:
@@ -110,7 +129,17 @@ def run_point(
     env = dict(os.environ)
     if threads is not None:
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.Popen(  # its own session: a terminal's Ctrl-C reaches the sweep, which passes it on once
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    with _LOCK:
+        _RUNNING.add(proc)
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        with _LOCK:
+            _RUNNING.discard(proc)
+    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     folder = None
     for line in done.stdout.splitlines():
         if " -> " in line and f"{stem}:" in line:
@@ -192,8 +221,15 @@ def sweep(
                 rows[i] = record(i, folder, error)
                 bar.update(1)
     else:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
             list(pool.map(one, todo))
+        except KeyboardInterrupt:  # no new point starts; the running ones stop and say so
+            pool.shutdown(wait=False, cancel_futures=True)
+            _interrupt_running()
+            bar.close()
+            raise
+        pool.shutdown()
     bar.close()
     table = pd.DataFrame(rows)
     settings = [n for n in names if n != "seed"]
@@ -285,6 +321,9 @@ def main(argv: list[str]) -> int:
     except (ParameterError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the finished points are kept; the same command resumes the sweep", file=sys.stderr)
+        return 130
     (folder / "command.txt").write_text("python -m frlab sweep " + " ".join(shlex.quote(a) for a in argv) + "\n")
     print((folder / "summary.md").read_text())
     reused = int(table["reused"].sum())

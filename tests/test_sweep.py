@@ -14,11 +14,11 @@ from frlab.params import ParameterError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny(tmp_path):
+def tiny(tmp_path, sleep=0.0):
     source = [
         "x: float = 1.0\nseed: int = 0\nfmr: list[float] = [0.1]\n"
         'check_claims: bool = True  # smoke: False\nrun_dir: str = ""',
-        "import frlab\nrun = frlab.Run(run_dir, '01_tiny', check_claims)\n"
+        f"import time\nimport frlab\ntime.sleep({sleep})\nrun = frlab.Run(run_dir, '01_tiny', check_claims)\n"
         "if x < 0:\n    raise ValueError('x must be >= 0')\n"
         "run.log(headline=True, y=2 * x + seed, n=len(fmr))\nrun.claim('y is positive', 2 * x + seed > 0)",
     ]
@@ -122,3 +122,23 @@ def test_the_readme_block_shows_the_newest_full_sweep_with_its_command(tmp_path)
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert smoke.returncode == 0 and report.latest_sweep(out) == block  # smoke sweeps are not results
+
+
+def test_ctrl_c_stops_the_sweep_at_once_and_starts_no_new_point(tmp_path):
+    import signal
+    import time
+
+    nb, out = tiny(tmp_path, sleep=20.0), tmp_path / "runs"
+    cmd = [sys.executable, "-m", "frlab", "sweep", str(nb), "-p", "seed", "0,1,2,3", "--jobs", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(list(out.glob("01_tiny/*/params.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # both points' kernels are in their sleep
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and time.time() - start < 60
+    assert "interrupted: the finished points are kept" in err and "Traceback" not in err
+    statuses = [json.loads(p.read_text()).get("status") for p in out.glob("01_tiny/*/params.json")]
+    assert sorted(statuses) == ["interrupted", "interrupted"]  # no new point started after Ctrl-C
