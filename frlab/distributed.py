@@ -38,6 +38,7 @@ import datetime
 import math
 import os
 import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -422,6 +423,9 @@ def _worker(rank: int, world_size: int, init_file: str, timeout_s: float, fn: Ca
     try:
         result = fn(*args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
+    except BaseException:  # written before this process exits, so before its peers see it gone
+        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -436,5 +440,15 @@ def launch(fn: Callable, world_size: int, *args, timeout_s: float = TIMEOUT_S) -
     checks.integer("world_size", world_size, lo=1)
     with tempfile.TemporaryDirectory(prefix="frlab-launch-") as tmp:
         init_file = str(Path(tmp) / "rendezvous")
-        mp.spawn(_worker, (world_size, init_file, timeout_s, fn, args, tmp), nprocs=world_size, join=True)
+        try:
+            mp.spawn(_worker, (world_size, init_file, timeout_s, fn, args, tmp), nprocs=world_size, join=True)
+        except Exception:
+            errors = {int(p.stem[4:]): p.read_text().strip() for p in Path(tmp).glob("rank*.err")}
+            if not errors:
+                raise
+            # the cause first: a rank whose own code failed, not one that lost its peer in a collective
+            lost = ("Connection reset", "Connection closed", "gloo", "NCCL", "DistBackendError")
+            cause = min(errors, key=lambda r: (any(w in errors[r] for w in lost), r))
+            every = "; ".join(f"rank {r}: {text.splitlines()[-1]}" for r, text in sorted(errors.items()))
+            raise RuntimeError(f"rank {cause} failed:\n{errors[cause]}\n(every failing rank: {every})") from None
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
