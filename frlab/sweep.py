@@ -98,28 +98,43 @@ def find_run(out: Path, notebook: Path, values: dict[str, Any], smoke: bool, dig
     return best
 
 
-_RUNNING: set[subprocess.Popen] = set()  # the points' processes now running (this process's threads)
-_LOCK = threading.Lock()
+class _Running:
+    """The points' processes a sweep has running, so that Ctrl-C can be passed on to them; once
+    interrupted, no new point starts (a worker thread between two points cannot slip one in)."""
 
+    def __init__(self):
+        self.lock, self.procs, self.stopped = threading.Lock(), set(), False
 
-def _interrupt_running(timeout_s: float = 60.0) -> None:
-    """Ctrl-C: pass it on to every running point (each marks its run folder interrupted) and wait."""
-    with _LOCK:
-        procs = list(_RUNNING)
-    for proc in procs:
-        proc.send_signal(signal.SIGINT)
-    for proc in procs:
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    def start(self, cmd: list[str], **kw) -> subprocess.Popen | None:
+        with self.lock:
+            if self.stopped:
+                return None
+            proc = subprocess.Popen(cmd, **kw)
+            self.procs.add(proc)
+            return proc
+
+    def finished(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.procs.discard(proc)
+
+    def interrupt(self, timeout_s: float = 60.0) -> None:
+        """Pass Ctrl-C on to every running point (each marks its run folder interrupted) and wait."""
+        with self.lock:
+            self.stopped, procs = True, list(self.procs)
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def run_point(
-    notebook: Path, values: dict[str, Any], smoke: bool, out: Path, threads: int | None
+    notebook: Path, values: dict[str, Any], smoke: bool, out: Path, threads: int | None, running: _Running | None = None
 ) -> tuple[Path | None, str]:
-    """Run one point in its own process (`threads` per process; None: the machine's default);
-    (its run folder, "" or the error)."""
+    """Run one point in its own process (`threads` per process; None: the machine's default),
+    registered with `running` where given; (its run folder, "" or the error)."""
     stem = notebook.stem
     cmd = [sys.executable, "-m", "frlab", "run", str(notebook), "--out", str(out)]
     for k, v in values.items():
@@ -129,22 +144,21 @@ def run_point(
     env = dict(os.environ)
     if threads is not None:
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(  # its own session: a terminal's Ctrl-C reaches the sweep, which passes it on once
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    with _LOCK:
-        _RUNNING.add(proc)
+    # its own session: a terminal's Ctrl-C reaches the sweep, which passes it on once
+    kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = running.start(cmd, **kw) if running is not None else subprocess.Popen(cmd, **kw)
+    if proc is None:
+        return None, "interrupted before it started"
     try:
         stdout, stderr = proc.communicate()
     finally:
-        with _LOCK:
-            _RUNNING.discard(proc)
-    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        if running is not None:
+            running.finished(proc)
     folder = None
-    for line in done.stdout.splitlines():
+    for line in stdout.splitlines():
         if " -> " in line and f"{stem}:" in line:
             folder = Path(line.rsplit(" -> ", 1)[1].strip())
-    error = "" if done.returncode == 0 else (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+    error = "" if proc.returncode == 0 else (stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
     return folder, error
 
 
@@ -207,8 +221,10 @@ def sweep(
             **scalars(folder),
         }
 
+    running = _Running()
+
     def one(i):
-        rows[i] = record(i, *run_point(notebook, points[i], smoke, out, threads))
+        rows[i] = record(i, *run_point(notebook, points[i], smoke, out, threads, running))
         bar.update(1)
 
     if scheduler:
@@ -226,7 +242,7 @@ def sweep(
             list(pool.map(one, todo))
         except KeyboardInterrupt:  # no new point starts; the running ones stop and say so
             pool.shutdown(wait=False, cancel_futures=True)
-            _interrupt_running()
+            running.interrupt()
             bar.close()
             raise
         pool.shutdown()
