@@ -127,7 +127,6 @@ def genuine_pairs_under_attack(
     from . import eval as ev
 
     model.eval()
-    images, _, _ = data.batch(torch.arange(len(data)), device)
     emb = ev.embed(model, data, device=device)[0].to(device)  # clean, in eval mode
     scores = (emb[pairs.i] * emb[pairs.j]).sum(1)
     t, ok = ev.thresholds_at_fpr(scores[~pairs.same].cpu(), [fpr])
@@ -139,7 +138,7 @@ def genuine_pairs_under_attack(
         g = torch.Generator().manual_seed(seed)
         adv = pgd(
             verification_loss(model, emb[gj], torch.ones(len(gi), dtype=torch.bool)),
-            images[gi],
+            data.batch(gi, device)[0],  # the images that are attacked, only
             eps,
             2.5 * eps / steps,
             steps,
