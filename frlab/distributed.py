@@ -104,6 +104,14 @@ def gather_sizes(n: int, device: torch.device) -> list[int]:
     return [int(s) for s in _all_gather(torch.tensor([n], device=device))]
 
 
+def _gather_padded(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's rows (rank r has sizes[r] of them), concatenated in rank order, without
+    gradient: padded to the largest for the equal-shape all_gather."""
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
+    padded[: len(t)] = t
+    return torch.cat([part[:n] for part, n in zip(_all_gather(padded), sizes)])
+
+
 class _GatherRows(torch.autograd.Function):
     """All ranks' rows, concatenated in rank order (local batches may differ in size: padded to the
     largest for the equal-shape all_gather). Backward: the ranks' partial gradients summed, this
@@ -113,9 +121,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, x, sizes, grad_scale):
         rank, _ = world()
         ctx.lo, ctx.n, ctx.grad_scale = sum(sizes[:rank]), len(x), grad_scale
-        padded = x.new_zeros((max(sizes), *x.shape[1:]))
-        padded[: len(x)] = x
-        return torch.cat([part[:n] for part, n in zip(_all_gather(padded), sizes)])
+        return _gather_padded(x, sizes)
 
     @staticmethod
     def backward(ctx, grad):
@@ -125,9 +131,11 @@ class _GatherRows(torch.autograd.Function):
         return grad[ctx.lo : ctx.lo + ctx.n] * ctx.grad_scale, None, None
 
 
-def gather_rows(x: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
-    """The global batch from every rank's rows, differentiable (see `_GatherRows`)."""
-    return _GatherRows.apply(x, gather_sizes(len(x), x.device), grad_scale)
+def gather_rows(x: torch.Tensor, grad_scale: float = 1.0, sizes: list[int] | None = None) -> torch.Tensor:
+    """The global batch from every rank's rows, differentiable (see `_GatherRows`); `sizes`, every
+    rank's row count, where the caller has them already."""
+    sizes = gather_sizes(len(x), x.device) if sizes is None else sizes
+    return _GatherRows.apply(x, sizes, grad_scale)
 
 
 class _SumPartials(torch.autograd.Function):
@@ -213,8 +221,9 @@ class ShardedHead(HParams, nn.Module):
                 f"[0, {self.num_classes}); rank {world()[0]}: {tuple(x.shape)}, {tuple(labels.shape)}"
             )
         x = self.head._input(x)
-        X = gather_rows(x, self.grad_scale)
-        y = torch.cat(_all_gather_padded(labels.to(torch.int64)))
+        sizes = gather_sizes(len(x), x.device)
+        X = gather_rows(x, self.grad_scale, sizes)
+        y = _gather_padded(labels.to(torch.int64), sizes)
         acc = heads.accumulation_dtype(self.weight.dtype)
         xn = F.normalize(X, dim=1)
         rows = self._rows(y)
@@ -229,7 +238,7 @@ class ShardedHead(HParams, nn.Module):
         if isinstance(h, heads.NPT):
             losses = self._npt(cos, c, target_col)
         elif isinstance(h, heads.CIFP):
-            losses = self._cifp(xn, y, cos, c, own, col, target_col)
+            losses = self._cifp(xn, rows, cos, c, own, col, target_col)
         else:
             if self.training:
                 h.update(c.detach().clamp(-1, 1))
@@ -274,7 +283,7 @@ class ShardedHead(HParams, nn.Module):
         near = sum_partials(torch.where(active, neg, torch.zeros((), dtype=cos.dtype)).sum(1))
         return 2 * h.r**2 * (near - n_active * (c.clamp(-1, 1) - h.inner_margin))
 
-    def _cifp(self, xn, y, cos, c, own, col, target_col) -> torch.Tensor:
+    def _cifp(self, xn, rows, cos, c, own, col, target_col) -> torch.Tensor:
         """CIFP: the unified threshold over every rank's candidates, then the code form's penalty
         from partial sums, or the paper form's shift from all-reduced counts."""
         h = self.head
@@ -289,27 +298,19 @@ class ShardedHead(HParams, nn.Module):
             fp = torch.zeros_like(pool)
         count = all_sum(fp.sum(1).to(cos.dtype))
         if h.form == "paper":
-            fpr = count / (self.num_classes - 1)
-            ratio = fpr / fpr.mean() if count.sum() > 0 else torch.zeros_like(fpr)
-            shift = torch.log1p(h.penalty_weight * ratio)
+            shift = h._shift(count)  # from the global counts
             return self._softmax(h.s * cos + shift[:, None], h.s * (c - h.m), target_col)
         # the code form's routing: a false positive's cosine at or above cos_y - m, and (1 + cos_y),
-        # reach the embedding only (their proxies detached)
-        w_det = F.normalize(self.weight.detach()[self._rows(y)], dim=1).to(cos.dtype)
-        cos_xonly = xn.to(cos.dtype) @ w_det.T
-        v = torch.where(cos.detach() < c_det[:, None] - h.m, cos, cos_xonly)
-        mean_sq = sum_partials(torch.where(fp, v * v, torch.zeros((), dtype=cos.dtype)).sum(1)) / count.clamp(min=1)
-        c_x = sum_partials(torch.where(own, cos_xonly.gather(1, col[:, None]).squeeze(1), torch.zeros_like(c)))
+        # reach the embedding only (their proxies detached); both from the rows they need only
+        xn = xn.to(cos.dtype)
+        unit = lambda cols: F.normalize(self.weight.detach()[rows[cols]], dim=1).to(cos.dtype)  # noqa: E731
+        i, j = fp.nonzero(as_tuple=True)
+        cos_fp = cos[i, j]
+        v = torch.where(cos_fp.detach() < c_det[i] - h.m, cos_fp, (xn[i] * unit(j)).sum(1))
+        mean_sq = sum_partials(torch.zeros_like(c).index_add(0, i, v * v)) / count.clamp(min=1)
+        c_x = sum_partials(torch.where(own, (xn * unit(col)).sum(1), torch.zeros_like(c)))
         p = (1 + c_x.clamp(-1, 1)) * mean_sq
         return self._softmax(h.s * cos, h.s * (c - h.m - p), target_col)
-
-
-def _all_gather_padded(t: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's 1-D tensor (of any length), in rank order, without gradient."""
-    sizes = gather_sizes(len(t), t.device)
-    padded = t.new_zeros(max(sizes))
-    padded[: len(t)] = t
-    return [part[:n] for part, n in zip(_all_gather(padded), sizes)]
 
 
 # ---------------------------------------------------------------- checkpoints that reshard

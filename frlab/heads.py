@@ -450,10 +450,11 @@ class CIFP(Head):
         mean_sq = torch.zeros_like(cos_y).index_add(0, i, v * v) / count
         return (1 + (xn * wy).sum(1).clamp(-1, 1)) * mean_sq
 
-    def _shift(self, i: torch.Tensor, B: int, dtype: torch.dtype) -> torch.Tensor:
-        """The paper form's log(1 + w r_i) (B,), r_i = FPR_i / mean FPR from the false positives' rows i."""
-        fpr = torch.bincount(i, minlength=B).to(dtype) / (self.num_classes - 1)
-        ratio = fpr / fpr.mean() if len(i) else torch.zeros_like(fpr)
+    def _shift(self, count: torch.Tensor) -> torch.Tensor:
+        """The paper form's log(1 + w r_i) (B,), r_i = FPR_i / mean FPR, from each sample's count of
+        false positives (B,, floating)."""
+        fpr = count / (self.num_classes - 1)
+        ratio = fpr / fpr.mean() if count.sum() > 0 else torch.zeros_like(fpr)
         return torch.log1p(self.penalty_weight * ratio)
 
     def _loss(self, xn, labels, cos, cos_y, i, j, reduction: str) -> torch.Tensor:
@@ -462,7 +463,7 @@ class CIFP(Head):
             target = cos_y - self.m - self._penalty(xn, labels, cos_y, i, j)
             logits = cos.scatter(1, labels[:, None], target[:, None])
             return F.cross_entropy(self.s * logits, labels, reduction=reduction)
-        shift = self._shift(i, len(labels), cos.dtype)[:, None]
+        shift = self._shift(torch.bincount(i, minlength=len(labels)).to(cos.dtype))[:, None]
         logits = (self.s * cos + shift).scatter(1, labels[:, None], (self.s * (cos_y - self.m))[:, None])
         return F.cross_entropy(logits, labels, reduction=reduction)
 
@@ -499,7 +500,7 @@ class CIFP(Head):
             dT = torch.full_like(cos_y, s if grad else 0.0)  # d T / d cos_y
         i, j = flat // w.shape[0], flat % w.shape[0]
         if self.form == "paper":
-            shift = RowShift(self._shift(i, len(labels), cos_y.dtype))
+            shift = RowShift(self._shift(torch.bincount(i, minlength=len(labels)).to(cos_y.dtype)))
             loss, _ = cosine_cross_entropy(xn, w, labels, c_y, s * (cos_y - self.m), dT, s, shift, reduction, P=P)
             return loss
         p = self._penalty(xn, labels, cos_y, i, j)
