@@ -1,14 +1,13 @@
 """The runner: parameters are parsed and checked before any kernel starts; errors are one clear line."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import terminal
 
 from frlab.params import ParameterError, coerce, parse_parameters
 from frlab.runner import plan, resolve
@@ -266,20 +265,11 @@ def test_ctrl_c_is_one_line_exit_130_and_the_run_marked_interrupted(tmp_path):
             _notebook('run_dir: str = ""', "import time\nopen(run_dir + '/started', 'w').close()\ntime.sleep(60)")
         )
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "frlab", "run", str(nb), "--out", str(tmp_path / "runs")],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, which Ctrl-C signals as a whole
-        # a shell running tests in the background ignores SIGINT, and children inherit that: undo it
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = terminal.start([sys.executable, "-m", "frlab", "run", str(nb), "--out", str(tmp_path / "runs")], cwd=ROOT)
     deadline = time.time() + 60
     while not list((tmp_path / "runs").glob("01_slow/*/started")) and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    terminal.ctrl_c(proc)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert err.strip().splitlines()[-1].startswith("interrupted: 01_slow")

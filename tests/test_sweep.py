@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import terminal
 
 from frlab import sweep
 from frlab.params import ParameterError
@@ -125,27 +126,17 @@ def test_the_readme_block_shows_the_newest_full_sweep_with_its_command(tmp_path)
 
 
 def test_ctrl_c_stops_the_sweep_at_once_and_starts_no_new_point(tmp_path):
-    import os
-    import signal
     import time
 
     nb, out = tiny(tmp_path, sleep=20.0), tmp_path / "runs"
     cmd = [sys.executable, "-m", "frlab", "sweep", str(nb), "-p", "seed", "0,1,2,3", "--jobs", "2", "--out", str(out)]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, which Ctrl-C signals as a whole
-        # a shell running tests in the background ignores SIGINT, and children inherit that: undo it
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = terminal.start(cmd)
     deadline = time.time() + 120
     while len(list(out.glob("01_tiny/*/params.json"))) < 2 and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(3)  # both points' kernels are in their sleep
     start = time.time()
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    terminal.ctrl_c(proc)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and time.time() - start < 60
     assert "interrupted: the finished points are kept" in err and "Traceback" not in err
