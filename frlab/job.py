@@ -73,7 +73,10 @@ class JobConfig:
         checks.integer("size", self.size, lo=16)
         if not isinstance(self.head_args, dict):
             raise ValueError(f"head_args must be a JSON object, got {self.head_args!r}")
-        self.train_config(progress=False)  # its checks, before any data is rendered
+        self.train_config(progress=False)  # its checks and the head's, before any data is rendered
+        from . import heads
+
+        heads.make_head(self.head, self.embedding_size, self.identities, **self.head_args)
 
     def train_config(self, progress: bool):
         from . import train
@@ -151,9 +154,6 @@ def run(cfg: JobConfig) -> dict:
 def main(argv: list[str]) -> int:
     try:
         cfg = parse(argv)
-        from . import heads
-
-        heads.make_head(cfg.head, cfg.embedding_size, cfg.identities, **cfg.head_args)  # its checks too
     except (ValueError, TypeError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
