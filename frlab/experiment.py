@@ -125,20 +125,26 @@ class Evaluation:
         return report, scores
 
 
+PHOTO_FACTORS = ("resolution", "blur", "noise", "exposure", "white_balance", "glasses", "mask")  # what a photo can take
+POSE_FACTORS = ("yaw", "pitch", "roll")
+
+
 def factor_worlds(faces: SynthFaces) -> dict[str, SynthFaces]:
     """The same identities and images under other conditions: "frontal" (`Nuisance.frontal()`),
-    "all" (the default mix of every nuisance), and one world per nuisance factor whose default
-    distribution differs from the frontal one: that factor drawn as by default, the others frontal.
-    Each nuisance keeps its per-image draw, so the worlds differ in that factor only."""
+    "all" (the default mix of every nuisance), "photo factors" (the default mix of the factors a
+    photo can take, `PHOTO_FACTORS`, the others frontal: what `degrade_photos` does to real faces),
+    "pose" (yaw, pitch and roll as by default, the others frontal), and one world per nuisance
+    factor whose default distribution differs from the frontal one: that factor drawn as by
+    default, the others frontal. Each nuisance keeps its per-image draw, so two worlds differ only
+    in the factors one of them holds frontal."""
     frontal, mixed = Nuisance.frontal(), Nuisance()
+    mix = lambda names: replace(faces, nuisance=replace(frontal, **{k: getattr(mixed, k) for k in names}))  # noqa: E731
     worlds = {"frontal": replace(faces, nuisance=frontal), "all": replace(faces, nuisance=mixed)}
+    worlds |= {"photo factors": mix(PHOTO_FACTORS), "pose": mix(POSE_FACTORS)}
     for f in fields(Nuisance):
         if getattr(frontal, f.name) != getattr(mixed, f.name):
-            worlds[f.name] = replace(faces, nuisance=replace(frontal, **{f.name: getattr(mixed, f.name)}))
+            worlds[f.name] = mix([f.name])
     return worlds
-
-
-PHOTO_FACTORS = ("resolution", "blur", "noise", "exposure", "white_balance", "glasses", "mask")  # what a photo can take
 
 
 def degrade_photos(

@@ -137,6 +137,50 @@ def test_soft_ellipses_on_the_surface_match_the_formula():
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
+def test_the_relief_is_the_sum_of_its_bumps():
+    """Against the formula written out per bump in float64: cheekbones and sockets in pairs
+    (mirrored), the brow ridge, the chin and the muzzle on the midline, each times its factor."""
+    from frlab.data import face3d
+
+    faces = SynthFaces(range(4), seed=5)
+    f = {k: v.double().view(-1, 1, 1) for k, v in faces.identity_factors(torch.arange(4)).items() if v.dim() == 1}
+    g = torch.Generator().manual_seed(1)
+    qx, qy = (torch.rand(4, 16, 16, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
+
+    def bump(cx, cy, sx, sy):
+        return torch.exp(-(((qx - cx) / sx) ** 2) - ((qy - cy) / sy) ** 2)
+
+    a = f["face_w"]
+    want = (
+        f["cheekbones"] * (bump(-0.55 * a, f["nose_y"], 0.18, 0.12) + bump(0.55 * a, f["nose_y"], 0.18, 0.12))
+        + f["brow_ridge"] * bump(0, f["eye_y"] + 0.12, 0.5, 0.05)
+        + f["chin"] * bump(0, f["mouth_y"] - 0.2, 0.15, 0.1)
+        + f["muzzle"] * bump(0, (f["mouth_y"] + f["nose_y"]) / 2, 0.3, 0.1)
+        - f["sockets"] * (bump(-f["eye_x"], f["eye_y"], 0.12, 0.08) + bump(f["eye_x"], f["eye_y"], 0.12, 0.08))
+    )
+    torch.testing.assert_close(face3d.relief(f, qx, qy), want, atol=1e-6, rtol=0)
+
+
+def test_the_relief_shades_the_face_without_moving_it():
+    """A face with its relief flattened (every bump 0) has the same silhouette and landmarks; its
+    pixels differ only on the face's front (and the pixels beside it, whose normals the shading
+    takes from central differences), under side light."""
+    from frlab.data import face3d
+
+    faces = SynthFaces(range(6), seed=7)
+    ident, nuis = _factors(faces, torch.arange(0, 60, 10))
+    nuis = {**nuis, "light_azimuth": torch.full((6,), 50.0), "light_strength": torch.full((6,), 0.8)}
+    flat = {**ident, **{k: torch.zeros(6) for k in ("cheekbones", "brow_ridge", "chin", "muzzle", "sockets")}}
+    ray = face3d.cast(ident, nuis, 64)
+    torch.testing.assert_close(face3d.cast(flat, nuis, 64)["coverage"], ray["coverage"], atol=0, rtol=0)
+    torch.testing.assert_close(face3d.landmarks(flat, nuis), face3d.landmarks(ident, nuis), atol=0, rtol=0)
+    changed = (face3d.render(ident, nuis) - face3d.render(flat, nuis)).abs().amax(1) > 1e-4
+    front = ray["winner"] <= face3d.PRIMITIVES.index("nose")
+    front = torch.nn.functional.max_pool2d(front.float()[:, None], 3, 1, 1)[:, 0] > 0
+    assert changed.any(1).any(1).all(), "every face's shading changes"
+    assert not (changed & ~front).any(), "and nothing else does"
+
+
 def test_other_seed_other_faces():
     x, _, _ = SynthFaces(range(4), seed=0).batch(torch.arange(8))
     y, _, _ = SynthFaces(range(4), seed=1).batch(torch.arange(8))

@@ -78,6 +78,33 @@ def test_degraded_photos_take_the_renderers_camera_and_occlusions():
     assert torch.equal(grey.images[:, 0], grey.images[:, 2])
 
 
+def test_factor_worlds_differ_only_in_the_factors_they_hold_frontal():
+    from frlab.data import Nuisance, SynthFaces
+
+    faces = SynthFaces(range(3), images_per_identity=4, seed=2)
+    worlds = experiment.factor_worlds(faces)
+    frontal, mixed = Nuisance.frontal(), Nuisance()
+    index = torch.arange(12)
+    every = worlds["all"].nuisance_of(index)
+    drawn = {
+        "photo factors": experiment.PHOTO_FACTORS,
+        "pose": ("yaw", "pitch", "roll"),
+        "yaw": ("yaw",),
+        "mask": ("mask",),
+        "frontal": (),
+        "all": tuple(every),
+    }
+    for name, factors in drawn.items():
+        got = worlds[name].nuisance_of(index)
+        for k, v in got.items():
+            if k in factors or getattr(frontal, k) == getattr(mixed, k):  # (background is the same in both)
+                torch.testing.assert_close(v, every[k], msg=f"{name}: {k} as in the default mix")
+            else:
+                assert torch.all(v == getattr(frontal, k).value), f"{name}: {k} frontal"
+    singles = set(worlds) - {"frontal", "all", "photo factors", "pose"}
+    assert singles == {k for k in every if getattr(frontal, k) != getattr(mixed, k)}
+
+
 def test_gallery_and_probes_at_fixed_resolutions():
     from frlab.data import Nuisance, SynthFaces
 

@@ -6,9 +6,11 @@ lower face (narrower by the `jaw` factor), the nose (protruding by `nose_len`), 
 shell of hair over the cranium where hair grows (above a hairline and round the back). Yaw and
 pitch turn the whole shape, so a profile shows the nose in outline, one ear, the back of the head
 and its own silhouette; roll turns the image. For every pixel the renderer casts a ray, keeps the
-nearest surface it meets, shades it (Lambertian, one light from the side) and paints the features
-that lie on that surface there, from their outlines in the head's frame: eyes, brows and lips on
-the face, nostrils on the nose. A feature turned away is hidden by whatever the ray meets first.
+nearest surface it meets, shades it (Lambertian, one light from the side, with the face's relief:
+cheekbones, brow ridge, chin, muzzle and eye sockets as a bump map) and paints the features that
+lie on that surface there, from their outlines in the head's frame: eyes with their upper lids,
+brows, lips and the line where they meet on the face, nostrils on the nose and its shadow below.
+A feature turned away is hidden by whatever the ray meets first.
 
     images = render(identity, nuisance, size=64)      # (B, 3, 64, 64) in [0, 1]
     points = landmarks(identity, nuisance, size=64)   # (B, 5, 2): eyes, nose tip, mouth corners
@@ -235,7 +237,8 @@ def _render(identity, nuis, size):
     ray = cast(identity, nuis, size)
     winner, coverage, depth, qx, qy, qz = (ray[k] for k in ("winner", "coverage", "depth", "x", "y", "z"))
     sharp = size / 2
-    shade = _shade(depth, n, size)
+    front = (winner <= PRIMITIVES.index("nose")).float()  # the face and the nose: where the relief is
+    shade = _shade(relief(f, qx, qy).mul_(front).add_(depth), n, size)
 
     # each pixel's base colour: skin (the ears a little darker) or hair, by the surface it shows
     face = torch.where((winner == PRIMITIVES.index("hair")).unsqueeze(1), f["hair"], f["skin"])
@@ -251,6 +254,31 @@ def _render(identity, nuis, size):
     img = img.lerp_(face.mul_(shade.unsqueeze(1)), coverage.unsqueeze(1))
     wb = n["white_balance"].unsqueeze(1) * torch.tensor([1.0, 0.0, -1.0], device=dev).view(1, 3, 1, 1)
     return img.mul_(n["exposure"].unsqueeze(1) * (1 + wb)).clamp_(0, 1)
+
+
+def relief(f, qx, qy) -> torch.Tensor:
+    """The face's relief (B, S, S): how far, in face units, its front stands out of the smooth
+    ellipsoids at each surface point (x, y) of the head's frame. Soft bumps at the cheekbones, along
+    the brow ridge, at the chin and round the mouth (the muzzle), each by its identity factor
+    (negative: a hollow), and hollows round the eyes (the sockets). A bump map: it changes the
+    depth that shading reads (along the view ray), not the silhouette or where features sit, so
+    what it adds is the light and shadow a face's bone structure casts."""
+    a = f["face_w"]
+    out = _bump(qx, qy, 0.0, f["eye_y"] + 0.12, 0.5, 0.05).mul_(f["brow_ridge"])
+    out.addcmul_(_bump(qx, qy, 0.0, f["mouth_y"] - 0.2, 0.15, 0.1), f["chin"])
+    out.addcmul_(_bump(qx, qy, 0.0, 0.5 * (f["mouth_y"] + f["nose_y"]), 0.3, 0.1), f["muzzle"])
+    for side in (-1.0, 1.0):
+        out.addcmul_(_bump(qx, qy, side * 0.55 * a, f["nose_y"], 0.18, 0.12), f["cheekbones"])
+        out.addcmul_(_bump(qx, qy, side * f["eye_x"], f["eye_y"], 0.12, 0.08), f["sockets"], value=-1)
+    return out
+
+
+def _bump(x, y, cx, cy, sx: float, sy: float) -> torch.Tensor:
+    """exp(-((x - cx) / sx)^2 - ((y - cy) / sy)^2), a new tensor, with the exponent clamped at -20
+    (far from the bump, exp would return subnormal numbers, which a CPU computes slowly)."""
+    u = torch.sub(x, cx).mul_(1 / sx).square_()
+    v = torch.sub(y, cy).mul_(1 / sy)
+    return u.addcmul_(v, v).clamp_(max=20).neg_().exp_()
 
 
 def _shade(depth: torch.Tensor, n, size: int) -> torch.Tensor:
@@ -328,8 +356,9 @@ def _over(img, colour, alpha):
 
 
 def _features(face, f, n, qx, qy, on_face, on_nose, sharp):
-    """Eyes, brows, lips and mouth on the face; nostrils on the nose; glasses and a mask where the
-    image has them."""
+    """Eyes (white, iris, pupil, and the upper lid with its lashes over them), brows, lips, the
+    mouth and the line where the lips meet, and the shadow under the nose on the face; nostrils on
+    the nose; glasses and a mask where the image has them."""
     dev = face.device
     white_colour = torch.tensor([0.95, 0.95, 0.92], device=dev).view(1, 3, 1, 1)
     black = torch.zeros(1, 3, 1, 1, device=dev)
@@ -345,10 +374,13 @@ def _features(face, f, n, qx, qy, on_face, on_nose, sharp):
         rho2 = dx.square_().addcmul_(dy, dy)  # round: iris and pupil
         face = _over(face, f["eye"], _ramp(rho2, ir, sharp, on_face, inplace=False))
         face = _over(face, black, _ramp(rho2, 0.4 * ir, sharp, on_face))
+        # the upper lid and its lashes, over the top of the eye and the iris
+        lid = _ellipse(qx, qy, ex, ey + 0.6 * eh, 1.05 * ew, 0.5 * eh + 0.01, sharp, weight=on_face)
+        face = _over(face, 0.2 * f["hair"] + 0.05, lid.mul_(0.8))
         by = ey + f["eye_h"] + f["brow_gap"] + 0.03 * expr
         tilt = side * f["brow_tilt"] * 0.15 / (f["eye_w"] + 1e-3)
         brow = _ellipse(qx, qy, ex, by, 1.3 * f["eye_w"], f["brow_thick"], sharp, tilt, on_face)
-        face = _over(face, 0.7 * f["hair"], brow)
+        face = _over(face, 0.5 * f["hair"], brow)
     for side in (-1.0, 1.0):
         ny = f["nose_y"] - 0.2 * f["nose_w"]
         nostril = _ellipse(
@@ -361,6 +393,14 @@ def _features(face, f, n, qx, qy, on_face, on_nose, sharp):
     face = _over(face, f["lips"], _ellipse(qx, above, zero, zero, f["mouth_w"], lip_h, sharp, weight=on_face))
     gap = _ellipse(qx, above, zero, zero, 0.8 * f["mouth_w"], 0.35 * lip_h * expr.clamp(min=0), sharp, weight=on_face)
     face = _over(face, torch.full((1, 3, 1, 1), 0.1, device=dev), gap)
+    line = _ellipse(
+        qx, above, zero, zero, 0.9 * f["mouth_w"], zero + 0.012, sharp, weight=on_face
+    )  # where the lips meet
+    face = _over(face, 0.35 * f["lips"], line)
+    shadow = _ellipse(
+        qx, qy, zero, f["nose_y"] - 0.25 * f["nose_w"] - 0.02, f["nose_w"], zero + 0.03, sharp, weight=on_face
+    )
+    face = _over(face, 0.5 * f["skin"], shadow.mul_(0.7))  # under the nose
     on = (n["glasses"].view(-1) > 0).nonzero().squeeze(1)  # occlusions: only the images that have them
     if len(on):
         sub, g = face[on], {k: f[k][on] for k in ("eye_x", "eye_y", "eye_w", "eye_h")}

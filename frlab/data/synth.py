@@ -1,7 +1,8 @@
 """SynthFaces: a procedural face renderer with explicit identity and nuisance factors.
 
 A *world* is fixed by a seed. In it, identity `i` has shape and appearance factors (face outline,
-eye/brow/nose/mouth geometry, skin, hair, iris and lip colour) drawn from its group's prior, and
+eye/brow/nose/mouth geometry, the face's relief, skin, hair, iris and lip colour) drawn from its
+group's prior, and
 image `j` of identity `i` has nuisance factors (yaw, pitch, roll, light, expression, resolution,
 blur, noise, glasses, mask, background) drawn from distributions the user sets. All randomness
 comes from a counter-based integer hash of (seed, identity, image, factor), so:
@@ -15,8 +16,9 @@ Rendering is batched pure PyTorch on the device of your choice (`frlab.data.face
 a 3-D shape (cranium, lower face, nose, ears, hair) ray-cast under yaw, pitch and roll, with its
 features painted on its surface, so a profile is a profile; then the camera: resolution is a
 down-sample then up-sample to the output size, blur a Gaussian, noise additive. Identities differ
-mostly in shape (face outline, proportions, the size and placement of every feature); skin, hair
-and eye colours come from one population-wide prior, whatever the group.
+mostly in shape (face outline, proportions, the size and placement of every feature, the relief
+of cheekbones, brow ridge, chin, muzzle and eye sockets that the light shades); skin, hair and eye
+colours come from one population-wide prior, whatever the group.
 
     world = SynthFaces(range(0, 1000), images_per_identity=20, seed=0)
     images, labels, meta = world.batch(torch.arange(64))     # 64 x 3 x 64 x 64 in [0, 1]
@@ -169,7 +171,7 @@ SHAPE = (
     ("eye_h", 0.035, 0.08),
     ("brow_gap", 0.06, 0.16),
     ("brow_tilt", -0.35, 0.35),
-    ("brow_thick", 0.015, 0.05),
+    ("brow_thick", 0.027, 0.062),
     ("nose_y", -0.20, -0.04),
     ("nose_len", 0.05, 0.25),
     ("nose_w", 0.05, 0.12),
@@ -181,6 +183,12 @@ SHAPE = (
     ("iris", 0.45, 0.85),
     ("head_depth", 1.0, 1.35),
     ("ear", 0.08, 0.14),
+    # the face's relief (see `face3d.relief`): how far each part stands out of the smooth front
+    ("cheekbones", -0.12, 0.12),
+    ("brow_ridge", -0.12, 0.12),
+    ("chin", -0.12, 0.12),
+    ("muzzle", -0.12, 0.12),
+    ("sockets", 0.04, 0.12),
 )
 COLOUR = (("skin", 3), ("hair", 3), ("eye", 3), ("lips", 3))
 SHAPE_NAMES = tuple(n for n, _, _ in SHAPE)
