@@ -340,6 +340,14 @@ def _ellipse(qx, qy, cx, cy, rx, ry, sharp, shear=None, weight=None):
     return _ramp(dx.mul_(r / rx.clamp(min=1e-3)).square_().addcmul_(v, v), r, sharp, weight)
 
 
+def _centred(x2, y2, rx, ry, sharp, weight):
+    """`_ellipse` from the squared offsets x2, y2 of every point from its centre (shared by ellipses
+    with one centre): a new tensor."""
+    r = torch.minimum(rx, ry).clamp(min=1e-3)
+    rho2 = torch.mul(x2, (r / rx.clamp(min=1e-3)) ** 2).addcmul_(y2, (r / ry.clamp(min=1e-3)) ** 2)
+    return _ramp(rho2, r, sharp, weight)
+
+
 def _ramp(rho2, r, sharp, weight=None, inplace=True):
     """The alpha of a disc of radius r at squared distance rho2 from its centre (scaled units):
     clamp((r^2 - rho2) / (2 r) sharp + 1/2, 0, 1), which is (r - rho) sharp + 1/2 at the outline
@@ -387,20 +395,17 @@ def _features(face, f, n, qx, qy, on_face, on_nose, sharp):
             qx, qy, side * 0.4 * f["nose_w"], ny, 0.25 * f["nose_w"], 0.14 * f["nose_w"], sharp, weight=on_nose
         )
         face = _over(face, 0.35 * f["skin"], nostril)
-    above = qy - f["mouth_y"] - _bend(f, n) * qx.square()  # height above the lips' centre line (a smile bends it)
-    lip_h = f["lip"] * (1 + 0.8 * expr.clamp(min=0))
-    zero = torch.zeros_like(f["mouth_w"])
-    face = _over(face, f["lips"], _ellipse(qx, above, zero, zero, f["mouth_w"], lip_h, sharp, weight=on_face))
-    gap = _ellipse(qx, above, zero, zero, 0.8 * f["mouth_w"], 0.35 * lip_h * expr.clamp(min=0), sharp, weight=on_face)
+    # the lips, the gap of a smile and the line where the lips meet: ellipses centred on the lips'
+    # centre line (a smile bends it), from the squared distances along it and above it
+    qx2 = qx.square()
+    above2 = torch.sub(qy, f["mouth_y"]).addcmul_(qx2, _bend(f, n), value=-1).square_()
+    lip_h, mouth_w = f["lip"] * (1 + 0.8 * expr.clamp(min=0)), f["mouth_w"]
+    face = _over(face, f["lips"], _centred(qx2, above2, mouth_w, lip_h, sharp, on_face))
+    gap = _centred(qx2, above2, 0.8 * mouth_w, 0.35 * lip_h * expr.clamp(min=0), sharp, on_face)
     face = _over(face, torch.full((1, 3, 1, 1), 0.1, device=dev), gap)
-    line = _ellipse(
-        qx, above, zero, zero, 0.9 * f["mouth_w"], zero + 0.012, sharp, weight=on_face
-    )  # where the lips meet
-    face = _over(face, 0.35 * f["lips"], line)
-    shadow = _ellipse(
-        qx, qy, zero, f["nose_y"] - 0.25 * f["nose_w"] - 0.02, f["nose_w"], zero + 0.03, sharp, weight=on_face
-    )
-    face = _over(face, 0.5 * f["skin"], shadow.mul_(0.7))  # under the nose
+    face = _over(face, 0.35 * f["lips"], _centred(qx2, above2, 0.9 * mouth_w, 0.012 + 0 * mouth_w, sharp, on_face))
+    below = torch.sub(qy, f["nose_y"] - 0.25 * f["nose_w"] - 0.02).square_()  # the shadow under the nose
+    face = _over(face, 0.5 * f["skin"], _centred(qx2, below, f["nose_w"], 0.03 + 0 * mouth_w, sharp, on_face).mul_(0.7))
     on = (n["glasses"].view(-1) > 0).nonzero().squeeze(1)  # occlusions: only the images that have them
     if len(on):
         sub, g = face[on], {k: f[k][on] for k in ("eye_x", "eye_y", "eye_w", "eye_h")}
