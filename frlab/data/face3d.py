@@ -403,9 +403,11 @@ def _features(face, f, n, qx, qy, on_face, on_nose, sharp):
     face = _over(face, f["lips"], _centred(qx2, above2, mouth_w, lip_h, sharp, on_face))
     gap = _centred(qx2, above2, 0.8 * mouth_w, 0.35 * lip_h * expr.clamp(min=0), sharp, on_face)
     face = _over(face, torch.full((1, 3, 1, 1), 0.1, device=dev), gap)
-    face = _over(face, 0.35 * f["lips"], _centred(qx2, above2, 0.9 * mouth_w, 0.012 + 0 * mouth_w, sharp, on_face))
+    line = _centred(qx2, above2, 0.9 * mouth_w, torch.full_like(mouth_w, 0.012), sharp, on_face)
+    face = _over(face, 0.35 * f["lips"], line)
     below = torch.sub(qy, f["nose_y"] - 0.25 * f["nose_w"] - 0.02).square_()  # the shadow under the nose
-    face = _over(face, 0.5 * f["skin"], _centred(qx2, below, f["nose_w"], 0.03 + 0 * mouth_w, sharp, on_face).mul_(0.7))
+    shadow = _centred(qx2, below, f["nose_w"], torch.full_like(mouth_w, 0.03), sharp, on_face)
+    face = _over(face, 0.5 * f["skin"], shadow.mul_(0.7))
     on = (n["glasses"].view(-1) > 0).nonzero().squeeze(1)  # occlusions: only the images that have them
     if len(on):
         sub, g = face[on], {k: f[k][on] for k in ("eye_x", "eye_y", "eye_w", "eye_h")}
