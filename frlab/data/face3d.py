@@ -332,15 +332,13 @@ def _ellipse(qx, qy, cx, cy, rx, ry, sharp, shear=None, weight=None):
     wide at the front across the outline (exactly 0 a pixel away, so features that do not touch
     can be painted in any order); features smaller than a pixel fade. Times `weight` (where the
     feature can show)."""
-    r = torch.minimum(rx, ry).clamp(min=1e-3)
     dx, v = torch.sub(qx, cx), torch.sub(qy, cy)
     if shear is not None:
         v.addcmul_(dx, shear, value=-1)
-    v.mul_(r / ry.clamp(min=1e-3))
-    return _ramp(dx.mul_(r / rx.clamp(min=1e-3)).square_().addcmul_(v, v), r, sharp, weight)
+    return _centred(dx.square_(), v.square_(), rx, ry, sharp, weight)
 
 
-def _centred(x2, y2, rx, ry, sharp, weight):
+def _centred(x2, y2, rx, ry, sharp, weight=None):
     """`_ellipse` from the squared offsets x2, y2 of every point from its centre (shared by ellipses
     with one centre): a new tensor."""
     r = torch.minimum(rx, ry).clamp(min=1e-3)
