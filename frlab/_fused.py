@@ -115,6 +115,7 @@ class RowShift:
 
 
 SEARCH_BLOCK = 2**20  # logits per block of `top_fraction`'s pass on the CPU (4 MiB of float32)
+SEARCH_CHUNK = 64  # logits of a row per chunk: a chunk is looked into only if its maximum reaches the bound
 
 
 def top_fraction(
@@ -125,12 +126,17 @@ def top_fraction(
     `limit` (B,), only those with L_ij <= limit_i); empty when k = 0.
 
     One pass over the rows, block by block, nothing B x C made: a lower bound t0 of the k-th
-    largest from every `stride`-th class; then per block the count of candidates and the
-    entries at or above t0 (about 2k of them), among which the exact top-k is taken. Where the
-    bound was too high (fewer than k candidates above it), a second pass takes every candidate.
-    Its blocks are larger than the kernel's (SEARCH_BLOCK logits) and use every thread: a few
-    compares and counts per block, long enough parallel regions to keep their speed on a loaded
-    machine, where the kernel's many short ones need `serial_on_cpu`."""
+    largest from every `stride`-th class; then per block the entries at or above t0 (about 2k of
+    them), among which the exact top-k is taken, and (with `limit`) the count of candidates.
+    The entries at or above t0 are found in two steps: the maximum of every chunk of SEARCH_CHUNK
+    logits of a row (a reduction, cheap), then a compare only inside the few chunks whose maximum
+    reaches t0 (of rows whose limit does: a row whose limit is below t0 holds no candidate).
+    The count is a float 0/1 mask written over the block and summed by rows (exact below 2^24
+    classes; on the CPU about twice as fast as a boolean mask and its count). Where the bound was
+    too high (fewer than k candidates above it), a second pass takes every candidate. Its blocks
+    are larger than the kernel's (SEARCH_BLOCK logits) and use every thread: a few passes per
+    block, long enough parallel regions to keep their speed on a loaded machine, where the
+    kernel's many short ones need `serial_on_cpu`."""
     B, C = P.shape
     rows = max(1, (_CosineCrossEntropy.CUDA_BLOCK if P.is_cuda else SEARCH_BLOCK) // C)
     sub = P[:, ::stride] * inv[::stride]  # the same products as the blocks' L = P inv
@@ -139,14 +145,22 @@ def top_fraction(
         sub.masked_fill_(sub > limit[:, None], float("-inf"))
     k_guess = math.ceil(fraction * C / sub.shape[1] * int(torch.isfinite(sub).count_nonzero()))
     t0 = sub.view(-1).topk(min(sub.numel(), 2 * (k_guess // stride) + 16)).values[-1]  # ~2k + 16 stride above it
+    whole = C - C % SEARCH_CHUNK  # the columns in whole chunks; the rest is compared directly
+    offsets = torch.arange(SEARCH_CHUNK, device=P.device)
     for bound in (t0, float("-inf")):
         idx, n_pool = [], 0
         for start in range(0, B, rows):
             r = slice(start, start + rows)
             L = torch.mul(P[r], inv)
-            if limit is not None:
-                n_pool += int(torch.count_nonzero(L <= limit[r, None])) - L.shape[0]  # a target is at its limit
-            idx.append((L >= bound).view(-1).nonzero().squeeze(1) + start * C)
+            may = (limit[r] >= bound)[:, None] if limit is not None else True  # rows that may hold a candidate
+            ri, ci = ((L[:, :whole].unflatten(1, (-1, SEARCH_CHUNK)).amax(2) >= bound) & may).nonzero(as_tuple=True)
+            cols = (ci * SEARCH_CHUNK)[:, None] + offsets  # the columns of those chunks
+            hit, at = (L[ri[:, None], cols] >= bound).nonzero(as_tuple=True)
+            idx.append((ri[hit] + start) * C + cols[hit, at])
+            tail_i, tail_j = ((L[:, whole:] >= bound) & may).nonzero(as_tuple=True)
+            idx.append((tail_i + start) * C + whole + tail_j)
+            if limit is not None:  # L's buffer becomes the mask; a target is at its limit, so - 1 a row
+                n_pool += int(torch.le(L, limit[r, None], out=L).sum(1).sum(dtype=torch.int64)) - L.shape[0]
         idx = torch.cat(idx)
         i, j = idx // C, idx % C
         val = P.view(-1)[idx] * inv[j]

@@ -167,11 +167,12 @@ def test_forward_computes_the_reference(form, far, reduction):
 
 @pytest.mark.parametrize("form", ["code", "paper"])
 @pytest.mark.parametrize("block", [None, 600])
-def test_the_fast_threshold_finds_the_same_false_positives_even_when_its_bound_fails(form, block, monkeypatch):
-    if block:  # blocks of 3 rows: the search runs over several
+@pytest.mark.parametrize("C", [200, 256, 40])  # whole chunks of 64 and a tail, whole chunks only, a tail only
+def test_the_fast_threshold_finds_the_same_false_positives_even_when_its_bound_fails(form, block, C, monkeypatch):
+    if block:  # blocks of a few rows: the search runs over several
         monkeypatch.setattr(_fused, "SEARCH_BLOCK", block)
     g = torch.Generator().manual_seed(2)
-    B, C = 64, 200
+    B = 64
     labels = torch.randint(0, C, (B,), generator=g)
     head = heads.CIFP(4, C, form=form, far=0.05)
     random = torch.rand(B, C, generator=g) * 2 - 1
