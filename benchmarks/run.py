@@ -613,7 +613,7 @@ def notebook_times():
                 )
             else:
                 rows.append(
-                    {"what": f"notebook {nb.stem}", "size": f"{kind} parameters", "note": "no run under runs/ yet"}
+                    {"what": f"notebook {nb.stem}", "size": f"{kind} parameters", "note": "no run under runs/ here"}
                 )
     return rows
 

@@ -3,6 +3,8 @@
     python -m frlab report                 # runs/results.md from the latest full run of each notebook
     python -m frlab report --readme README.md   # ... and replace the README's results block with it
 
+With --keep (and --readme), a notebook without a finished full run under the runs folder keeps
+its section of the README, which names the run and commit it came from (another machine's runs).
 With --readme, the README's benchmark block gets runs/bench/full.md, the table of the newest full
 `benchmarks/run.py` run, and its sweep block the newest full sweep's summary, where there is one.
 
@@ -122,7 +124,9 @@ def section(stem: str, run_dir: Path, defaults: dict) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def build(root: Path, notebooks: list[Path]) -> str:
+def build(root: Path, notebooks: list[Path], keep: dict[str, str] | None = None) -> str:
+    """The results block: a section per notebook from its latest full run under `root`; a notebook
+    without one takes its section from `keep` (stem -> section, see `sections`) where given."""
     from .params import read_parameters
 
     defaults = {nb.stem: {k: p.default for k, p in read_parameters(nb).items()} for nb in notebooks}
@@ -131,9 +135,28 @@ def build(root: Path, notebooks: list[Path]) -> str:
     for nb in notebooks:
         if nb.stem in runs:
             parts.append(section(nb.stem, runs[nb.stem], defaults[nb.stem]))
+        elif keep and nb.stem in keep:
+            parts.append(keep[nb.stem])
         else:
             parts.append(f"**{nb.stem}**: no finished full run under {root}.\n")
     return "\n".join(parts)
+
+
+def sections(text: str) -> dict[str, str]:
+    """The sections of a results block in `text` (a README), by notebook stem: each starts with a
+    line `**<stem>**: ...` (as `section` writes it) and runs to the next one or the block's end."""
+    if BEGIN not in text or END not in text:
+        return {}
+    block = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    out: dict[str, list[str]] = {}
+    stem = None
+    for line in block.splitlines():
+        if line.startswith("**") and "**: " in line:
+            stem = line[2 : line.index("**: ")]
+            out[stem] = []
+        if stem is not None:
+            out[stem].append(line)
+    return {k: "\n".join(v).rstrip() + "\n" for k, v in out.items()}
 
 
 def replace_block(text: str, body: str, begin: str = BEGIN, end: str = END) -> str:

@@ -283,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     rp = sub.add_parser("report", help="the results section, generated from the latest full run of each notebook")
     rp.add_argument("--runs", type=Path, default=None, help="root folder of the runs (default: runs/ of the workbook)")
     rp.add_argument("--readme", type=Path, default=None, help="also replace the results block of this README")
+    rp.add_argument(
+        "--keep",
+        action="store_true",
+        help="with --readme: a notebook without a full run here keeps its README section (it names its run and commit)",
+    )
     args = ap.parse_args(argv)
     logging.getLogger("papermill").setLevel(logging.WARNING)
     if args.cmd == "report":
@@ -350,7 +355,13 @@ def report_main(args) -> int:
     from . import report
 
     root = (args.runs or paths.runs()).resolve()
-    body = report.build(root, all_notebooks())
+    keep = None
+    if args.keep:
+        if not args.readme:
+            print("error: --keep keeps sections of the README given by --readme", file=sys.stderr)
+            return 2
+        keep = report.sections(args.readme.read_text()) if args.readme.exists() else {}
+    body = report.build(root, all_notebooks(), keep)
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.md").write_text("# Results\n\n" + body)
     print(f"wrote {root / 'results.md'}")

@@ -130,6 +130,15 @@ def test_report_takes_the_latest_finished_full_run_of_each_notebook(tmp_path):
     fake_run(runs, "00_demo", "2026-12-01T15:00:00", auc=0.6)  # seed 1: not the defaults
     text = report.build(runs, [nb])
     assert "run 2026-12-01 14:00" in text and "parameters: the defaults" in text
+    # --keep: a notebook without a run here keeps its README section; one with a run gets it anew
+    other = tmp_path / "01_other.ipynb"
+    other.write_text(nb.read_text())
+    kept = "**01_other**: run 2026-11-30 09:00 at commit `0123456789`, 1.0 min.\n\n- held elsewhere\n"
+    readme.write_text(f"# x\n\n{report.BEGIN}\n\n**00_demo**: STALE\n\n{kept}\n{report.END}\n")
+    assert report.sections(readme.read_text()) == {"00_demo": "**00_demo**: STALE\n", "01_other": kept}
+    text = report.build(runs, [nb, other], report.sections(readme.read_text()))
+    assert "STALE" not in text and "run 2026-12-01 14:00" in text and kept in text
+    assert "no finished full run" in report.build(runs, [nb, other])
 
 
 def test_frlab_writes_under_its_home_never_inside_the_package(tmp_path, monkeypatch):
