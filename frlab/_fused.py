@@ -132,7 +132,7 @@ def top_fraction(
     logits of a row (a reduction, cheap), then a compare only inside the few chunks whose maximum
     reaches t0 (of rows whose limit does: a row whose limit is below t0 holds no candidate).
     The count is a float 0/1 mask written over the block and summed by rows (exact below 2^24
-    classes; on the CPU about twice as fast as a boolean mask and its count). Where the bound was
+    classes; on the CPU faster than a boolean mask and its count). Where the bound was
     too high (fewer than k candidates above it), a second pass takes every candidate. Its blocks
     are larger than the kernel's (SEARCH_BLOCK logits) and use every thread: a few passes per
     block, long enough parallel regions to keep their speed on a loaded machine, where the
