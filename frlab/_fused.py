@@ -1,8 +1,10 @@
 """The performance work behind `frlab.heads`: what the heads compute, in fewer passes and less memory.
 
 Nothing here is needed to understand a loss: `heads.MarginHead.reference` is the plain definition,
-and tests check every head's `forward` against it. This file keeps the margin heads within a few
-percent of the bare classifier (`linear + cross_entropy`) in time and memory (benchmarks/run.py).
+and tests check every head's `forward` against it. This file keeps the margin heads close to
+the bare classifier (`linear + cross_entropy`) in time and memory (benchmarks/run.py: how close).
+On the CPU, the kernel's blocks run on every thread, or on one where the machine is busy
+(`serial_blocks`).
 
 * `cosine_cross_entropy`: cross-entropy of a normalized softmax, fused with the proxies'
   normalization, the target logit and an optional element-wise map of the other logits.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 
@@ -135,8 +138,8 @@ def top_fraction(
     classes; on the CPU faster than a boolean mask and its count). Where the bound was
     too high (fewer than k candidates above it), a second pass takes every candidate. Its blocks
     are larger than the kernel's (SEARCH_BLOCK logits) and use every thread: a few passes per
-    block, long enough parallel regions to keep their speed on a loaded machine, where the
-    kernel's many short ones need `serial_on_cpu`."""
+    block, fewer parallel regions than the kernel's; on a busy machine (`machine_busy`) they run on
+    one thread, as the kernel's do."""
     B, C = P.shape
     rows = max(1, (_CosineCrossEntropy.CUDA_BLOCK if P.is_cuda else SEARCH_BLOCK) // C)
     sub = P[:, ::stride] * inv[::stride]  # the same products as the blocks' L = P inv
@@ -147,6 +150,13 @@ def top_fraction(
     t0 = sub.view(-1).topk(min(sub.numel(), 2 * (k_guess // stride) + 16)).values[-1]  # ~2k + 16 stride above it
     whole = C - C % SEARCH_CHUNK  # the columns in whole chunks; the rest is compared directly
     offsets = torch.arange(SEARCH_CHUNK, device=P.device)
+    with serial_on_cpu(P, serial_blocks()):
+        return _search(P, inv, labels, fraction, limit, t0, rows, whole, offsets)
+
+
+def _search(P, inv, labels, fraction, limit, t0, rows, whole, offsets):
+    """`top_fraction`'s passes over the blocks, from its bound t0."""
+    B, C = P.shape
     for bound in (t0, float("-inf")):
         idx, n_pool = [], 0
         for start in range(0, B, rows):
@@ -179,13 +189,32 @@ def top_fraction(
     return idx[order[values > values[-1]]]
 
 
+SERIAL_BLOCKS: bool | None = None  # the CPU blocks on one thread: always (True), never (False), when busy (None)
+
+
+def machine_busy() -> bool:
+    """Whether more work wants this machine's cores than it has: the one-minute load average (which
+    counts this process's own running threads too) above the number of cores. False where the
+    system reports no load average."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return False
+
+
+def serial_blocks() -> bool:
+    """Whether the CPU blocks run on one thread now: `SERIAL_BLOCKS`, or where it is None, whether
+    the machine is busy."""
+    return machine_busy() if SERIAL_BLOCKS is None else SERIAL_BLOCKS
+
+
 @contextlib.contextmanager
 def serial_on_cpu(t: torch.Tensor, enabled: bool = True):
     """Run the enclosed CPU ops on one thread (the products outside keep every thread). The kernel's
     blocks are many short element-wise ops, each its own parallel region: on a machine whose cores
     are also busy with other work, every region waits for its slowest (descheduled) thread, so
     these blocks slow down far more than the few long products do. On one thread they cost the
-    same loaded or not."""
+    same loaded or not; on an idle machine every thread is faster."""
     n = torch.get_num_threads()
     if not enabled or t.is_cuda or n == 1:
         yield
@@ -227,17 +256,14 @@ class _CosineCrossEntropy(torch.autograd.Function):
     CUDA_BLOCK = 2**25  # on CUDA, where each block costs kernel launches: 128 MiB of float32
     PROXY_ROWS = 2048  # rows of W per block of dL/dW's normalization term on the CPU
     CUDA_PROXY_ROWS = 65536  # on CUDA: a 128 MiB temporary at D = 512
-    SERIAL_BLOCKS = True  # the CPU blocks on one thread (`serial_on_cpu`)
 
     @staticmethod
-    def _blocks(P: torch.Tensor):
+    def _blocks(P: torch.Tensor, serial: bool):
         B, C = P.shape
         if P.is_cuda:
             rows = max(1, _CosineCrossEntropy.CUDA_BLOCK // C)
         else:  # at least a row per thread: the CPU's (log_)softmax kernels share out whole rows
-            rows = max(
-                _CosineCrossEntropy.BLOCK // C, 1 if _CosineCrossEntropy.SERIAL_BLOCKS else torch.get_num_threads()
-            )
+            rows = max(_CosineCrossEntropy.BLOCK // C, 1 if serial else torch.get_num_threads())
         return [slice(i, i + rows) for i in range(0, B, rows)]
 
     @staticmethod
@@ -256,17 +282,17 @@ class _CosineCrossEntropy(torch.autograd.Function):
         if P is None:  # the classifier's product (in the autocast dtype under autocast)
             P = (xn * s) @ w.t()
         logits = torch.empty(P.shape, dtype=inv.dtype, device=P.device) if with_logits else None
-        serial = serial_on_cpu(P, _CosineCrossEntropy.SERIAL_BLOCKS)
-        with torch.autocast(P.device.type, enabled=False), serial:
+        serial = serial_blocks()  # decided once a step: forward and backward walk the same blocks
+        with torch.autocast(P.device.type, enabled=False), serial_on_cpu(P, serial):
             nll = torch.empty(len(T), dtype=inv.dtype, device=T.device)  # -log p_y = logsumexp(O) - T
-            for r in _CosineCrossEntropy._blocks(P):
+            for r in _CosineCrossEntropy._blocks(P, serial):
                 O = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)[0]
                 if logits is not None:
                     logits[r] = O
                 # log_softmax's fused kernel is faster here than logsumexp's four passes
                 nll[r] = torch.log_softmax(O, 1).gather(1, labels[r, None]).squeeze(1).neg_()
         ctx.save_for_backward(xn, w, inv, P, T, dT, c_y, labels)
-        ctx.s, ctx.negatives, ctx.reduction = s, negatives, reduction
+        ctx.s, ctx.negatives, ctx.reduction, ctx.serial = s, negatives, reduction, serial
         loss = nll if reduction == "none" else (nll.sum() if reduction == "sum" else nll.mean())
         if logits is None:
             return loss, None
@@ -281,8 +307,8 @@ class _CosineCrossEntropy(torch.autograd.Function):
         per_row = ctx.reduction == "none"
         g = g.to(inv.dtype) / (B if ctx.reduction == "mean" else 1)  # dloss/d(row loss): a scalar, or (B,)
         inv_scale = None if per_row else inv * g  # dloss/dO_j = p_j g, and dL_j/dP_j = inv_j
-        with serial_on_cpu(P, _CosineCrossEntropy.SERIAL_BLOCKS):
-            for r in _CosineCrossEntropy._blocks(P):
+        with serial_on_cpu(P, ctx.serial):
+            for r in _CosineCrossEntropy._blocks(P, ctx.serial):
                 y = labels[r, None]
                 p, L, saved = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)
                 p = torch.softmax(p, 1)
@@ -307,7 +333,7 @@ class _CosineCrossEntropy(torch.autograd.Function):
             )  # H, then dL/dW in place, a cache-sized block of rows at a time
             inv2 = (inv * inv).to(w.dtype)
             rows = _CosineCrossEntropy.CUDA_PROXY_ROWS if w.is_cuda else _CosineCrossEntropy.PROXY_ROWS
-            with serial_on_cpu(w, _CosineCrossEntropy.SERIAL_BLOCKS):
+            with serial_on_cpu(w, ctx.serial):
                 for j in range(0, w.shape[0], rows):
                     k = slice(j, j + rows)
                     coef = (w[k] * grad_w[k]).sum(1).mul_(inv2[k])

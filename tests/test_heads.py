@@ -179,14 +179,37 @@ def test_value_and_gradient_match_reference(name):
     check_against_reference(name, head, x, y)
 
 
+@pytest.mark.parametrize("serial", [True, False])
 @pytest.mark.parametrize("name", ["arcface", "curricular_t05"])
-def test_fused_cross_entropy_over_several_row_blocks(name, monkeypatch):
+def test_fused_cross_entropy_over_several_row_blocks(name, serial, monkeypatch):
     """The fused cross-entropy walks over blocks of rows: 150 rows of 7 logits in blocks of 64, and
-    dL/dW's normalization term over blocks of 3 proxies."""
+    dL/dW's normalization term over blocks of 3 proxies; on one thread (a busy machine) and on
+    every thread, which it gives back afterwards."""
     monkeypatch.setattr(_fused._CosineCrossEntropy, "BLOCK", 64 * 7)
     monkeypatch.setattr(_fused._CosineCrossEntropy, "PROXY_ROWS", 3)
+    monkeypatch.setattr(_fused, "SERIAL_BLOCKS", serial)
+    threads = torch.get_num_threads()
     head, x, y = make(name, B=150, C=7, seed=3)
     check_against_reference(name, head, x, y)
+    assert torch.get_num_threads() == threads
+
+
+def test_the_cpu_blocks_run_on_one_thread_when_the_machine_is_busy(monkeypatch):
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(_fused, "SERIAL_BLOCKS", None)
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 0.5, 0.0, 0.0))
+    assert _fused.serial_blocks()
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores - 0.5, 9.0, 9.0))  # the last minute counts
+    assert not _fused.serial_blocks()
+    monkeypatch.setattr(_fused, "SERIAL_BLOCKS", True)  # a setting overrides the load
+    assert _fused.serial_blocks()
+
+    def unknown():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(_fused, "SERIAL_BLOCKS", None)
+    monkeypatch.setattr(os, "getloadavg", unknown)
+    assert not _fused.serial_blocks()
 
 
 @pytest.mark.parametrize("name", ["softmax", "arcface", "curricular_t05", "npt"])
