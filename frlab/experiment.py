@@ -147,6 +147,17 @@ def factor_worlds(faces: SynthFaces) -> dict[str, SynthFaces]:
     return worlds
 
 
+def held_frontal(faces: SynthFaces) -> dict[str, SynthFaces]:
+    """The default mix with one factor held frontal: "all but yaw", ... for every nuisance whose
+    default distribution differs from the frontal one, and "all but pose" (yaw, pitch and roll
+    together). Against "all" (`factor_worlds`), what each factor adds to the mix's compound loss;
+    each nuisance keeps its per-image draw, as in `factor_worlds`."""
+    frontal, mixed = Nuisance.frontal(), Nuisance()
+    hold = lambda names: replace(faces, nuisance=replace(mixed, **{k: getattr(frontal, k) for k in names}))  # noqa: E731
+    varied = [f.name for f in fields(Nuisance) if getattr(frontal, f.name) != getattr(mixed, f.name)]
+    return {f"all but {k}": hold([k]) for k in varied} | {"all but pose": hold(POSE_FACTORS)}
+
+
 def degrade_photos(
     photos: FaceTensors, factors=PHOTO_FACTORS, nuisance: Nuisance | None = None, seed: int = 0, scale: float = 1.0
 ) -> FaceTensors:

@@ -105,6 +105,29 @@ def test_factor_worlds_differ_only_in_the_factors_they_hold_frontal():
     assert singles == {k for k in every if getattr(frontal, k) != getattr(mixed, k)}
 
 
+def test_held_frontal_worlds_hold_exactly_their_factors_frontal():
+    from frlab.data import Nuisance, SynthFaces
+
+    faces = SynthFaces(range(3), images_per_identity=4, seed=2)
+    worlds = experiment.held_frontal(faces)
+    frontal, mixed = Nuisance.frontal(), Nuisance()
+    index = torch.arange(12)
+    every = experiment.factor_worlds(faces)["all"].nuisance_of(index)
+    varied = {k for k in every if getattr(frontal, k) != getattr(mixed, k)}
+    assert set(worlds) == {f"all but {k}" for k in varied} | {"all but pose"}
+    for name, held in (
+        ("all but yaw", {"yaw"}),
+        ("all but mask", {"mask"}),
+        ("all but pose", {"yaw", "pitch", "roll"}),
+    ):
+        got = worlds[name].nuisance_of(index)
+        for k, v in got.items():
+            if k in held:
+                assert torch.all(v == getattr(frontal, k).value), f"{name}: {k} frontal"
+            else:
+                torch.testing.assert_close(v, every[k], msg=f"{name}: {k} as in the default mix")
+
+
 def test_gallery_and_probes_at_fixed_resolutions():
     from frlab.data import Nuisance, SynthFaces
 
