@@ -32,6 +32,7 @@ PRIMITIVES = ("cranium", "lower", "nose", "ear_left", "ear_right", "hair")
 SKIN = ("cranium", "lower", "nose", "ear_left", "ear_right")
 LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")  # as seen in the image
 CPU_BLOCK_PIXELS = 1 << 18  # pixels painted together on the CPU: 64 images at 64 x 64
+TINY = 1e-30  # the smallest squared half chord a ray is given: its root, 1e-15 face units, is no length
 
 
 # ---------------------------------------------------------------- the head's geometry
@@ -196,7 +197,9 @@ def cast(identity: dict[str, torch.Tensor], nuis: dict[str, torch.Tensor], size:
         # for `inside` the distance in from it
         r = axes.min(1).values.view(-1, 1, 1)
         cover.append(torch.addcmul(half, disc, sharp / (2 * r)).clamp_(0, 1))
-        root = disc.clamp_(min=0).sqrt_()
+        # (clamped at TINY, not 0: on some CPUs the square root of 0 or of a subnormal number is an
+        # order of magnitude slower than of any normal one, and most rays miss most primitives)
+        root = disc.clamp_(min=TINY).sqrt_()
         if name == "hair":  # where the ray grazes the shell or crosses it: its near and its far side
             far = torch.add(root, beta).neg_()
             near = torch.sub(root, beta)
