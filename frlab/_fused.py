@@ -141,22 +141,22 @@ def top_fraction(
     block, fewer parallel regions than the kernel's; on a busy machine (`machine_busy`) they run on
     one thread, as the kernel's do."""
     B, C = P.shape
-    rows = max(1, (_CosineCrossEntropy.CUDA_BLOCK if P.is_cuda else SEARCH_BLOCK) // C)
     sub = P[:, ::stride] * inv[::stride]  # the same products as the blocks' L = P inv
     sub[(labels % stride == 0).nonzero().squeeze(1), labels[labels % stride == 0] // stride] = float("-inf")
     if limit is not None:
         sub.masked_fill_(sub > limit[:, None], float("-inf"))
     k_guess = math.ceil(fraction * C / sub.shape[1] * int(torch.isfinite(sub).count_nonzero()))
     t0 = sub.view(-1).topk(min(sub.numel(), 2 * (k_guess // stride) + 16)).values[-1]  # ~2k + 16 stride above it
-    whole = C - C % SEARCH_CHUNK  # the columns in whole chunks; the rest is compared directly
-    offsets = torch.arange(SEARCH_CHUNK, device=P.device)
     with serial_on_cpu(P, serial_blocks()):
-        return _search(P, inv, labels, fraction, limit, t0, rows, whole, offsets)
+        return _search(P, inv, labels, fraction, limit, t0)
 
 
-def _search(P, inv, labels, fraction, limit, t0, rows, whole, offsets):
+def _search(P, inv, labels, fraction, limit, t0):
     """`top_fraction`'s passes over the blocks, from its bound t0."""
     B, C = P.shape
+    rows = max(1, (_CosineCrossEntropy.CUDA_BLOCK if P.is_cuda else SEARCH_BLOCK) // C)
+    whole = C - C % SEARCH_CHUNK  # the columns in whole chunks; the rest is compared directly
+    offsets = torch.arange(SEARCH_CHUNK, device=P.device)
     for bound in (t0, float("-inf")):
         idx, n_pool = [], 0
         for start in range(0, B, rows):

@@ -129,6 +129,12 @@ PHOTO_FACTORS = ("resolution", "blur", "noise", "exposure", "white_balance", "gl
 POSE_FACTORS = ("yaw", "pitch", "roll")
 
 
+def varied_factors() -> list[str]:
+    """The nuisances whose default distribution differs from the frontal one (`Nuisance`)."""
+    frontal, mixed = Nuisance.frontal(), Nuisance()
+    return [f.name for f in fields(Nuisance) if getattr(frontal, f.name) != getattr(mixed, f.name)]
+
+
 def factor_worlds(faces: SynthFaces) -> dict[str, SynthFaces]:
     """The same identities and images under other conditions: "frontal" (`Nuisance.frontal()`),
     "all" (the default mix of every nuisance), "photo factors" (the default mix of the factors a
@@ -141,10 +147,7 @@ def factor_worlds(faces: SynthFaces) -> dict[str, SynthFaces]:
     mix = lambda names: replace(faces, nuisance=replace(frontal, **{k: getattr(mixed, k) for k in names}))  # noqa: E731
     worlds = {"frontal": replace(faces, nuisance=frontal), "all": replace(faces, nuisance=mixed)}
     worlds |= {"photo factors": mix(PHOTO_FACTORS), "pose": mix(POSE_FACTORS)}
-    for f in fields(Nuisance):
-        if getattr(frontal, f.name) != getattr(mixed, f.name):
-            worlds[f.name] = mix([f.name])
-    return worlds
+    return worlds | {k: mix([k]) for k in varied_factors()}
 
 
 def held_frontal(faces: SynthFaces) -> dict[str, SynthFaces]:
@@ -154,8 +157,7 @@ def held_frontal(faces: SynthFaces) -> dict[str, SynthFaces]:
     each nuisance keeps its per-image draw, as in `factor_worlds`."""
     frontal, mixed = Nuisance.frontal(), Nuisance()
     hold = lambda names: replace(faces, nuisance=replace(mixed, **{k: getattr(frontal, k) for k in names}))  # noqa: E731
-    varied = [f.name for f in fields(Nuisance) if getattr(frontal, f.name) != getattr(mixed, f.name)]
-    return {f"all but {k}": hold([k]) for k in varied} | {"all but pose": hold(POSE_FACTORS)}
+    return {f"all but {k}": hold([k]) for k in varied_factors()} | {"all but pose": hold(POSE_FACTORS)}
 
 
 def degrade_photos(
