@@ -131,6 +131,9 @@ def top_fraction(
     One pass over the rows, block by block, nothing B x C made: a lower bound t0 of the k-th
     largest from every `stride`-th class; then per block the entries at or above t0 (about 2k of
     them), among which the exact top-k is taken, and (with `limit`) the count of candidates.
+    The bound is the k'-th largest maximum of the subsample's chunks of SEARCH_CHUNK (k' about
+    twice the subsample's share of k): k' entries lie at or above it, so it is at most the
+    subsample's k'-th largest, and a top-k' of the few maxima is cheaper than of the subsample.
     The entries at or above t0 are found in two steps: the maximum of every chunk of SEARCH_CHUNK
     logits of a row (a reduction, cheap), then a compare only inside the few chunks whose maximum
     reaches t0 (of rows whose limit does: a row whose limit is below t0 holds no candidate).
@@ -142,11 +145,18 @@ def top_fraction(
     one thread, as the kernel's do."""
     B, C = P.shape
     sub = P[:, ::stride] * inv[::stride]  # the same products as the blocks' L = P inv
-    sub[(labels % stride == 0).nonzero().squeeze(1), labels[labels % stride == 0] // stride] = float("-inf")
+    at = (labels % stride == 0).nonzero().squeeze(1)  # the rows whose target is in the subsample
+    sub[at, labels[at] // stride] = float("-inf")
+    n_sub = sub.numel() - len(at)  # the subsample's candidates
     if limit is not None:
-        sub.masked_fill_(sub > limit[:, None], float("-inf"))
-    k_guess = math.ceil(fraction * C / sub.shape[1] * int(torch.isfinite(sub).count_nonzero()))
-    t0 = sub.view(-1).topk(min(sub.numel(), 2 * (k_guess // stride) + 16)).values[-1]  # ~2k + 16 stride above it
+        above = sub > limit[:, None]  # no target among them: they are -inf by now
+        n_sub -= int(above.sum())
+        sub.masked_fill_(above, float("-inf"))
+    k_guess = math.ceil(fraction * C / sub.shape[1] * n_sub)
+    flat = sub.view(-1)
+    whole = len(flat) - len(flat) % SEARCH_CHUNK
+    maxima = torch.cat([flat[:whole].view(-1, SEARCH_CHUNK).amax(1), flat[whole:]])  # the tail: chunks of one
+    t0 = maxima.topk(min(len(maxima), 2 * (k_guess // stride) + 16)).values[-1]  # ~2k + 16 stride above it
     with serial_on_cpu(P, serial_blocks()):
         return _search(P, inv, labels, fraction, limit, t0)
 
@@ -157,11 +167,12 @@ def _search(P, inv, labels, fraction, limit, t0):
     rows = max(1, (_CosineCrossEntropy.CUDA_BLOCK if P.is_cuda else SEARCH_BLOCK) // C)
     whole = C - C % SEARCH_CHUNK  # the columns in whole chunks; the rest is compared directly
     offsets = torch.arange(SEARCH_CHUNK, device=P.device)
+    buffer = torch.empty((min(rows, B), C), dtype=torch.promote_types(P.dtype, inv.dtype), device=P.device)
     for bound in (t0, float("-inf")):
         idx, n_pool = [], 0
         for start in range(0, B, rows):
             r = slice(start, start + rows)
-            L = torch.mul(P[r], inv)
+            L = torch.mul(P[r], inv, out=buffer[: len(P[r])])  # one buffer for every block: fresh pages once
             may = (limit[r] >= bound)[:, None] if limit is not None else True  # rows that may hold a candidate
             ri, ci = ((L[:, :whole].unflatten(1, (-1, SEARCH_CHUNK)).amax(2) >= bound) & may).nonzero(as_tuple=True)
             cols = (ci * SEARCH_CHUNK)[:, None] + offsets  # the columns of those chunks
@@ -277,8 +288,9 @@ class _CosineCrossEntropy(torch.autograd.Function):
         return O.scatter_(1, labels[r, None], T[r, None]), L, saved
 
     @staticmethod
-    def forward(ctx, xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits, P):
-        inv = inverse_norms(w)
+    def forward(ctx, xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits, P, inv):
+        if inv is None:
+            inv = inverse_norms(w)
         if P is None:  # the classifier's product (in the autocast dtype under autocast)
             P = (xn * s) @ w.t()
         logits = torch.empty(P.shape, dtype=inv.dtype, device=P.device) if with_logits else None
@@ -340,12 +352,15 @@ class _CosineCrossEntropy(torch.autograd.Function):
                     grad_w[k].addcmul_(w[k], coef[:, None], value=-1.0)
             rows_y = (xn.to(inv.dtype) - c_y[:, None] * w_y).mul_((g_y * inv_y)[:, None])
             grad_w.index_add_(0, labels, rows_y.to(w.dtype))  # the target column's own gradient
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
 
 
-def cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, negatives=None, reduction="mean", with_logits=False, P=None):
+def cosine_cross_entropy(
+    xn, w, labels, c_y, T, dT, s, negatives=None, reduction="mean", with_logits=False, P=None, inv=None
+):
     """See `_CosineCrossEntropy`: the loss (mean, sum or per row), and the margin logits s * O
     (no gradient) when `with_logits`, else None. A head that needed the classifier's product
     before its target logits were known (CIFP) passes it as P = (s xn) @ w.T (no gradient), and
-    the kernel uses it instead of computing it again."""
-    return _CosineCrossEntropy.apply(xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits, P)
+    the proxies' inverse norms as inv = `inverse_norms(w)`, and the kernel uses them instead of
+    computing them again."""
+    return _CosineCrossEntropy.apply(xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits, P, inv)

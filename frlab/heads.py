@@ -446,9 +446,21 @@ class CIFP(Head):
         cos_fp = (xi * w).sum(1)
         below = cos_fp.detach() < cos_y.detach().index_select(0, i) - self.m
         v = torch.where(below, cos_fp, (xi * w.detach()).sum(1))  # at or above cos_y - m: embedding only
-        count = torch.bincount(i, minlength=len(labels)).clamp(min=1).to(dt)
-        mean_sq = torch.zeros_like(cos_y).index_add(0, i, v * v) / count
-        return (1 + (xn * wy).sum(1).clamp(-1, 1)) * mean_sq
+        return (1 + (xn * wy).sum(1).clamp(-1, 1)) * self._mean_square(v, i, cos_y)
+
+    @torch.no_grad()
+    def _penalty_value(self, xn, cos_y, i, j) -> torch.Tensor:
+        """`_penalty`'s value alone (the routing changes gradients only), from the clamped target
+        cosines cos_y."""
+        w = F.normalize(self.weight.detach().index_select(0, j), dim=1).to(cos_y.dtype)
+        cos_fp = (xn.to(cos_y.dtype).index_select(0, i) * w).sum(1)
+        return (1 + cos_y) * self._mean_square(cos_fp, i, cos_y)
+
+    @staticmethod
+    def _mean_square(v, i, cos_y) -> torch.Tensor:
+        """The mean of v^2 over each row's false positives (rows i), 0 for a row without any."""
+        count = torch.bincount(i, minlength=len(cos_y)).clamp(min=1).to(cos_y.dtype)
+        return torch.zeros_like(cos_y).index_add(0, i, v * v) / count
 
     def _shift(self, count: torch.Tensor) -> torch.Tensor:
         """The paper form's log(1 + w r_i) (B,), r_i = FPR_i / mean FPR, from each sample's count of
@@ -477,7 +489,7 @@ class CIFP(Head):
         cos_y = cos.gather(1, labels[:, None]).squeeze(1)
         return self._loss(F.normalize(x, dim=1), labels, cos, cos_y, i, j, reduction)
 
-    SUBSAMPLE = 16  # every 16th class bounds the threshold from below before the exact top-k
+    SUBSAMPLE = 32  # every 32nd class bounds the threshold from below before the exact top-k
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """`reference`, by the fused kernel of the margin heads (`_fused.cosine_cross_entropy`):
@@ -501,11 +513,15 @@ class CIFP(Head):
         i, j = flat // w.shape[0], flat % w.shape[0]
         if self.form == "paper":
             shift = RowShift(self._shift(torch.bincount(i, minlength=len(labels)).to(cos_y.dtype)))
-            loss, _ = cosine_cross_entropy(xn, w, labels, c_y, s * (cos_y - self.m), dT, s, shift, reduction, P=P)
+            T = s * (cos_y - self.m)
+            loss, _ = cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, shift, reduction, P=P, inv=inv)
             return loss
+        T = s * (cos_y - self.m - self._penalty_value(xn, cos_y, i, j))
+        rows, _ = cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, None, "none", P=P, inv=inv)
+        # The penalty's graph, built after the kernel's: autograd then runs it first, and the
+        # kernel's dense gradient of W is added to its sparse one in place (the other order adds
+        # a sparse gradient to a dense one out of place: a C x D copy).
         p = self._penalty(xn, labels, cos_y, i, j)
-        T = s * (cos_y - self.m - p.detach())
-        rows, _ = cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, None, "none", P=P)
         rows = rows + s * (1 - torch.exp(-rows.detach())) * (p - p.detach())  # the value unchanged
         return _reduce(rows, reduction)
 
