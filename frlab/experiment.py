@@ -160,6 +160,48 @@ def held_frontal(faces: SynthFaces) -> dict[str, SynthFaces]:
     return {f"all but {k}": hold([k]) for k in varied_factors()} | {"all but pose": hold(POSE_FACTORS)}
 
 
+def identity_sensitivity(model, faces: SynthFaces, device: str = "cpu") -> dict[str, dict]:
+    """What a model sees of each identity factor. Every identity of `faces`, frontal, is rendered
+    twice with one factor changed and every other its own: a shape factor at the low and at the
+    high end of its range, a colour (skin, hair, eyes, lips) its own and the next identity's.
+    Per factor: its class (`synth.FACTOR_CLASSES`), the mean cosine similarity of the two
+    renders' embeddings and the mean "move", 1 minus it. The row "two identities" holds the same
+    for frontal renders of two different identities (every pair), for scale: a factor whose
+    whole range moved a face as far would alone tell two identities apart."""
+    from .data import face3d, synth
+
+    n, size = faces.num_classes, faces.size
+    if n < 2:
+        raise ValueError(f"identity_sensitivity needs at least two identities (for scale), got {n}")
+    labels = torch.arange(n)
+    own = faces.identity_factors(labels)
+    frontal = replace(faces, images_per_identity=1, nuisance=Nuisance.frontal())
+    nuis = {k: v.float() for k, v in frontal.nuisance_of(labels).items()}
+
+    def embedded(ident):
+        images = synth.render(
+            {k: v.to(device) for k, v in ident.items()}, {k: v.to(device) for k, v in nuis.items()}, size
+        )
+        meta = {"label": labels, "landmarks": face3d.landmarks(ident, nuis, size)}
+        data = FaceTensors(images.mul(255).round_().to(torch.uint8).cpu(), labels, meta, n)
+        return embed(model, data, device)
+
+    base = embedded(own)
+    i, j = torch.triu_indices(n, n, 1)
+    impostor = float((base[i] * base[j]).sum(1).mean())
+    rows = {"two identities": {"class": "-", "similarity": impostor, "move": 1 - impostor}}
+    ranges = {name: (lo, hi) for name, lo, hi in synth.SHAPE}
+    for cls, names in synth.FACTOR_CLASSES.items():
+        for name in names:
+            if name in ranges:
+                a, b = ({**own, name: torch.full((n,), float(end))} for end in ranges[name])
+                sim = (embedded(a) * embedded(b)).sum(1)
+            else:
+                sim = (base * embedded({**own, name: own[name].roll(1, 0)})).sum(1)
+            rows[name] = {"class": cls, "similarity": float(sim.mean()), "move": 1 - float(sim.mean())}
+    return rows
+
+
 def degrade_photos(
     photos: FaceTensors, factors=PHOTO_FACTORS, nuisance: Nuisance | None = None, seed: int = 0, scale: float = 1.0
 ) -> FaceTensors:

@@ -197,3 +197,39 @@ def test_paired_findings_say_the_spread_and_when_seeds_disagree():
     assert b == "B vs A, m: +0.5000 on average (per seed +0.5000 .. +0.5000, ahead in 2 of 2)"
     assert c.endswith("ahead in 1 of 2): within the seed spread") and c.startswith("C vs A, m: +0.0000")
     assert experiment.paired_findings(paired, ("other",)) == []
+
+
+def test_identity_sensitivity_measures_each_factor_against_renders_made_here():
+    from frlab.data import SynthFaces, synth
+    from frlab.data.synth import COLOUR, FACTOR_CLASSES, SHAPE_NAMES
+
+    classified = [n for names in FACTOR_CLASSES.values() for n in names]
+    assert sorted(classified) == sorted(SHAPE_NAMES + tuple(n for n, _ in COLOUR))  # each factor, once
+    faces = SynthFaces(range(4), images_per_identity=3, seed=5, size=32)
+    pixels = torch.nn.Flatten()  # a "model" whose embedding is the image itself
+    rows = experiment.identity_sensitivity(pixels, faces)
+    assert set(rows) == {"two identities", *classified}
+
+    def unit(ident):  # the frontal renders the same way, by hand: pixels, quantized, normalized
+        n = len(ident["skin"])
+        frontal = vars(synth.Nuisance.frontal())
+        drawn = faces.with_nuisance(**frontal).nuisance_of(torch.arange(n) * 3)  # image 0 of each identity
+        nuis = {
+            k: torch.full((n,), float(c.value)) if isinstance(c, synth.Const) else drawn[k] for k, c in frontal.items()
+        }
+        img = synth.render(ident, nuis, 32).mul(255).round().div(255).flatten(1)
+        return torch.nn.functional.normalize(img, dim=1)
+
+    own = faces.identity_factors(torch.arange(4))
+    lo, hi = next((lo, hi) for n, lo, hi in synth.SHAPE if n == "jaw")
+    a, b = unit({**own, "jaw": torch.full((4,), lo)}), unit({**own, "jaw": torch.full((4,), hi)})
+    assert rows["jaw"]["similarity"] == pytest.approx(float((a * b).sum(1).mean()), abs=1e-5)
+    base = unit(own)
+    swapped = unit({**own, "skin": own["skin"].roll(1, 0)})
+    assert rows["skin"]["similarity"] == pytest.approx(float((base * swapped).sum(1).mean()), abs=1e-5)
+    i, j = torch.triu_indices(4, 4, 1)
+    assert rows["two identities"]["similarity"] == pytest.approx(float((base[i] * base[j]).sum(1).mean()), abs=1e-5)
+    assert rows["skin"]["class"] == "colour" and rows["jaw"]["move"] == pytest.approx(1 - rows["jaw"]["similarity"])
+    assert rows["jaw"]["similarity"] < 1 - 1e-3 and rows["skin"]["similarity"] < 1 - 1e-3  # both change the image
+    with pytest.raises(ValueError, match="at least two identities"):
+        experiment.identity_sensitivity(pixels, SynthFaces(range(1), images_per_identity=2, size=32))

@@ -192,6 +192,13 @@ SHAPE = (
 )
 COLOUR = (("skin", 3), ("hair", 3), ("eye", 3), ("lips", 3))
 SHAPE_NAMES = tuple(n for n, _, _ in SHAPE)
+FACTOR_CLASSES = {  # every identity factor in one class: what kind of difference between two faces it makes
+    "outline": ("face_w", "face_h", "jaw", "head_depth", "ear", "hairline", "hair_volume"),
+    "placement": ("eye_x", "eye_y", "brow_gap", "nose_y", "mouth_y"),
+    "feature shape": ("eye_w", "eye_h", "brow_tilt", "brow_thick", "nose_len", "nose_w", "mouth_w", "lip", "iris"),
+    "relief": ("cheekbones", "brow_ridge", "chin", "muzzle", "sockets"),
+    "colour": tuple(n for n, _ in COLOUR),
+}
 
 
 @dataclass(frozen=True)
