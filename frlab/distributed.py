@@ -35,6 +35,7 @@ different optimizer).
 from __future__ import annotations
 
 import datetime
+import gc
 import math
 import os
 import tempfile
@@ -424,6 +425,9 @@ def _worker(rank: int, world_size: int, init_file: str, timeout_s: float, fn: Ca
     try:
         result = fn(*args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        # what fn left holding the process group (a DistributedDataParallel sits in a reference
+        # cycle) goes now, not at exit after the group is gone: gloo aborted the process there
+        gc.collect()
     except BaseException:  # written before this process exits, so before its peers see it gone
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
