@@ -123,10 +123,13 @@ SEARCH_CHUNK = 64  # logits of a row per chunk: a chunk is looked into only if i
 
 def top_fraction(
     P: torch.Tensor, inv: torch.Tensor, labels: torch.Tensor, fraction: float, limit: torch.Tensor | None, stride: int
-) -> torch.Tensor:
-    """The flat indices (into B x C) of the candidates ranked strictly above the k-th largest,
-    k = ceil(fraction * number of candidates), among the non-target logits L = P inv (and, with
-    `limit` (B,), only those with L_ij <= limit_i); empty when k = 0.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, others): the flat indices (into B x C) of the candidates ranked strictly above the
+    k-th largest, k = ceil(fraction * number of candidates), among the non-target logits L = P inv
+    (and, with `limit` (B,), only those with L_ij <= limit_i), empty when k = 0; and each row's
+    logsumexp of its non-target logits (B,), from the same pass over L. A row's cross-entropy with
+    target logit T is then logaddexp(others, T) - T, whatever T: the kernel's forward, done here
+    while each block of L is in cache (`cosine_cross_entropy`'s `nll`).
 
     One pass over the rows, block by block, nothing B x C made: a lower bound t0 of the k-th
     largest from every `stride`-th class; then per block the entries at or above t0 (about 2k of
@@ -167,12 +170,17 @@ def _search(P, inv, labels, fraction, limit, t0):
     rows = max(1, (_CosineCrossEntropy.CUDA_BLOCK if P.is_cuda else SEARCH_BLOCK) // C)
     whole = C - C % SEARCH_CHUNK  # the columns in whole chunks; the rest is compared directly
     offsets = torch.arange(SEARCH_CHUNK, device=P.device)
-    buffer = torch.empty((min(rows, B), C), dtype=torch.promote_types(P.dtype, inv.dtype), device=P.device)
+    buffer = torch.empty((2, min(rows, B), C), dtype=torch.promote_types(P.dtype, inv.dtype), device=P.device)
+    others = torch.empty(B, dtype=buffer.dtype, device=P.device)
     for bound in (t0, float("-inf")):
         idx, n_pool = [], 0
         for start in range(0, B, rows):
             r = slice(start, start + rows)
-            L = torch.mul(P[r], inv, out=buffer[: len(P[r])])  # one buffer for every block: fresh pages once
+            L = torch.mul(P[r], inv, out=buffer[0, : len(P[r])])  # one buffer for every block: fresh pages once
+            L.scatter_(1, labels[r, None], float("-inf"))  # the target: no candidate, and out of `others`
+            if bound is t0:  # logsumexp = L_j - log_softmax(L)_j at any non-target j: one fused pass, not four
+                j = ((labels[r] + 1) % C)[:, None]  # (a head has C >= 2)
+                others[r] = (L.gather(1, j) - torch.log_softmax(L, 1, out=buffer[1, : len(L)]).gather(1, j)).squeeze(1)
             may = (limit[r] >= bound)[:, None] if limit is not None else True  # rows that may hold a candidate
             ri, ci = ((L[:, :whole].unflatten(1, (-1, SEARCH_CHUNK)).amax(2) >= bound) & may).nonzero(as_tuple=True)
             cols = (ci * SEARCH_CHUNK)[:, None] + offsets  # the columns of those chunks
@@ -180,7 +188,7 @@ def _search(P, inv, labels, fraction, limit, t0):
             idx.append((ri[hit] + start) * C + cols[hit, at])
             tail_i, tail_j = ((L[:, whole:] >= bound) & may).nonzero(as_tuple=True)
             idx.append((tail_i + start) * C + whole + tail_j)
-            if limit is not None:  # L's buffer becomes the mask; a target is at its limit, so - 1 a row
+            if limit is not None:  # L's buffer becomes the mask; the target (-inf) is counted, so - 1 a row
                 n_pool += int(torch.le(L, limit[r, None], out=L).sum(1).sum(dtype=torch.int64)) - L.shape[0]
         idx = torch.cat(idx)
         i, j = idx // C, idx % C
@@ -193,11 +201,11 @@ def _search(P, inv, labels, fraction, limit, t0):
         idx, val = idx[keep], val[keep]
         k = math.ceil(fraction * n_pool - 1e-9)
         if k <= 0:
-            return labels.new_zeros(0)
+            return labels.new_zeros(0), others
         if len(idx) >= k:
             break
     values, order = val.topk(k)
-    return idx[order[values > values[-1]]]
+    return idx[order[values > values[-1]]], others
 
 
 SERIAL_BLOCKS: bool | None = None  # the CPU blocks on one thread: always (True), never (False), when busy (None)
@@ -288,7 +296,7 @@ class _CosineCrossEntropy(torch.autograd.Function):
         return O.scatter_(1, labels[r, None], T[r, None]), L, saved
 
     @staticmethod
-    def forward(ctx, xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits, P, inv):
+    def forward(ctx, xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits, P, inv, nll):
         if inv is None:
             inv = inverse_norms(w)
         if P is None:  # the classifier's product (in the autocast dtype under autocast)
@@ -296,8 +304,9 @@ class _CosineCrossEntropy(torch.autograd.Function):
         logits = torch.empty(P.shape, dtype=inv.dtype, device=P.device) if with_logits else None
         serial = serial_blocks()  # decided once a step: forward and backward walk the same blocks
         with torch.autocast(P.device.type, enabled=False), serial_on_cpu(P, serial):
-            nll = torch.empty(len(T), dtype=inv.dtype, device=T.device)  # -log p_y = logsumexp(O) - T
-            for r in _CosineCrossEntropy._blocks(P, serial):
+            blocks = _CosineCrossEntropy._blocks(P, serial) if nll is None else []  # given: the rows' losses
+            nll = torch.empty(len(T), dtype=inv.dtype, device=T.device) if nll is None else nll.to(inv.dtype, copy=True)
+            for r in blocks:  # -log p_y = logsumexp(O) - T
                 O = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)[0]
                 if logits is not None:
                     logits[r] = O
@@ -352,15 +361,19 @@ class _CosineCrossEntropy(torch.autograd.Function):
                     grad_w[k].addcmul_(w[k], coef[:, None], value=-1.0)
             rows_y = (xn.to(inv.dtype) - c_y[:, None] * w_y).mul_((g_y * inv_y)[:, None])
             grad_w.index_add_(0, labels, rows_y.to(w.dtype))  # the target column's own gradient
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None
 
 
 def cosine_cross_entropy(
-    xn, w, labels, c_y, T, dT, s, negatives=None, reduction="mean", with_logits=False, P=None, inv=None
+    xn, w, labels, c_y, T, dT, s, negatives=None, reduction="mean", with_logits=False, P=None, inv=None, nll=None
 ):
     """See `_CosineCrossEntropy`: the loss (mean, sum or per row), and the margin logits s * O
     (no gradient) when `with_logits`, else None. A head that needed the classifier's product
     before its target logits were known (CIFP) passes it as P = (s xn) @ w.T (no gradient), and
     the proxies' inverse norms as inv = `inverse_norms(w)`, and the kernel uses them instead of
-    computing them again."""
-    return _CosineCrossEntropy.apply(xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits, P, inv)
+    computing them again; a head that has also computed each row's loss logsumexp(O) - T from them
+    (CIFP, in the pass of its search: `top_fraction`) passes it as nll (B,), and the forward walks
+    no blocks (the backward is the same)."""
+    if nll is not None and with_logits:
+        raise ValueError("with_logits needs the forward's blocks: pass nll=None")
+    return _CosineCrossEntropy.apply(xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits, P, inv, nll)

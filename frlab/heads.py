@@ -495,10 +495,12 @@ class CIFP(Head):
         """`reference`, by the fused kernel of the margin heads (`_fused.cosine_cross_entropy`):
         the classifier's product once, the false positives found from it block by block
         (`_fused.top_fraction`: about B entries, nothing B x C), their penalty from their gathered
-        rows. The code form's penalty enters the kernel as a constant of the target logit, and its
-        gradient through a surrogate of the same value: d loss_i / d p_i = s (1 - p_y,i), with
-        p_y,i = exp(-loss_i) the softmax at the target. The paper form's log(1 + w r_i) is a
-        per-row shift of the non-target logits (`_fused.RowShift`)."""
+        rows. The same pass gives each row's logsumexp of its non-target logits, and with it the
+        row's loss for any target logit, so the kernel runs its backward only. The code form's
+        penalty enters the kernel as a constant of the target logit, and its gradient through a
+        surrogate of the same value: d loss_i / d p_i = s (1 - p_y,i), with p_y,i = exp(-loss_i)
+        the softmax at the target. The paper form's log(1 + w r_i) is a per-row shift of the
+        non-target logits (`_fused.RowShift`)."""
         labels = _check(x, labels, self.weight, reduction)
         xn = F.normalize(self._input(x), dim=1)
         w, s, grad = self.weight, self.s, torch.is_grad_enabled()
@@ -506,18 +508,22 @@ class CIFP(Head):
             inv = inverse_norms(w)
             P = (xn * s) @ w.t()  # the product the kernel would make: made here, and handed to it
             limit = P.gather(1, labels[:, None]).squeeze(1) * inv[labels] if self.form == "code" else None
-            flat = top_fraction(P, inv, labels, self.far, limit, self.SUBSAMPLE)
+            flat, others = top_fraction(P, inv, labels, self.far, limit, self.SUBSAMPLE)
             c_y = self.target_cosine(xn, labels, clamp=False)
             cos_y = c_y.clamp(-1.0, 1.0)
             dT = torch.full_like(cos_y, s if grad else 0.0)  # d T / d cos_y
         i, j = flat // w.shape[0], flat % w.shape[0]
         if self.form == "paper":
-            shift = RowShift(self._shift(torch.bincount(i, minlength=len(labels)).to(cos_y.dtype)))
+            shift = self._shift(torch.bincount(i, minlength=len(labels)).to(cos_y.dtype))
             T = s * (cos_y - self.m)
-            loss, _ = cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, shift, reduction, P=P, inv=inv)
+            nll = torch.logaddexp(others + shift, T) - T
+            loss, _ = cosine_cross_entropy(
+                xn, w, labels, c_y, T, dT, s, RowShift(shift), reduction, P=P, inv=inv, nll=nll
+            )
             return loss
         T = s * (cos_y - self.m - self._penalty_value(xn, cos_y, i, j))
-        rows, _ = cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, None, "none", P=P, inv=inv)
+        nll = torch.logaddexp(others, T) - T
+        rows, _ = cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, None, "none", P=P, inv=inv, nll=nll)
         # The penalty's graph, built after the kernel's: autograd then runs it first, and the
         # kernel's dense gradient of W is added to its sparse one in place (the other order adds
         # a sparse gradient to a dense one out of place: a C x D copy).

@@ -182,6 +182,10 @@ def test_the_fast_threshold_finds_the_same_false_positives_even_when_its_bound_f
         cos_y = cos.gather(1, labels[:, None]).squeeze(1)
         fp, _ = head.false_positives(cos, labels)
         limit = cos_y if form == "code" else None
-        fast = _fused.top_fraction(cos, torch.ones(C), labels, head.far, limit, head.SUBSAMPLE)
+        fast, others = _fused.top_fraction(cos, torch.ones(C), labels, head.far, limit, head.SUBSAMPLE)
         assert sorted(fast.tolist()) == fp.view(-1).nonzero().squeeze(1).tolist()
         assert len(fast) > 0
+        # and each row's logsumexp of its non-target logits, from the same pass: a loop in float64
+        for i in range(B):
+            rest = [float(cos[i, j]) for j in range(C) if j != labels[i]]
+            assert others[i].item() == pytest.approx(math.log(sum(math.exp(v) for v in rest)), rel=1e-6)
