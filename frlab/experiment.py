@@ -202,6 +202,69 @@ def identity_sensitivity(model, faces: SynthFaces, device: str = "cpu") -> dict[
     return rows
 
 
+def identity_spread(embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
+    """How far apart, and along how many directions, a model places identities: each identity's
+    unit mean embedding (of its samples `labels`), then the spread of those means about their
+    centre. "total variance": the mean squared distance of an identity from the centre (with n
+    identities, (n - 1) / n times 1 minus the mean cosine similarity of two of them); "directions":
+    the participation ratio of the spread's eigenvalues, (sum)^2 / sum of squares, the number of
+    directions that would share it evenly (1 where identities lie on a line; at most n - 1). Compare
+    data sets at the same number of identities: both grow with it."""
+    classes, index = labels.unique(return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"identity_spread needs at least two identities, got {len(classes)}")
+    sums = torch.zeros(len(classes), embeddings.shape[1], dtype=torch.float64).index_add_(0, index, embeddings.double())
+    means = torch.nn.functional.normalize(sums, dim=1)
+    centred = means - means.mean(0)
+    eig = torch.linalg.eigvalsh(centred.T @ centred / len(means)).clamp(min=0)
+    return {
+        "identities": len(classes),
+        "total variance": float(eig.sum()),
+        "directions": float(eig.sum() ** 2 / (eig**2).sum()),
+    }
+
+
+def real_detail(renders: FaceTensors, photos: FaceTensors, strength: float = 2.0) -> FaceTensors:
+    """The renders with a real face's fine detail: render k takes photo k's (in order; both with
+    their five landmarks) high-pass, the photo minus its Gaussian blur at a tenth of its eye
+    distance, moved onto the render by their landmarks (`pretrained.warp`) and applied as a
+    relative change of brightness, `strength` times it, inside an ellipse round the render's face.
+    A test of what a model misses in the renders: the same photo on every render adds realism
+    alone; each render its own person's photo adds identity in detail too."""
+    from .data import synth
+    from .pretrained import warp
+
+    checks.number("strength", strength, lo=0)
+    if len(photos) != len(renders):
+        raise ValueError(f"one photo per render: {len(photos)} photos for {len(renders)} renders")
+    grey = photos.images.float().div(255).mean(1, keepdim=True)
+    _, _, H, W = grey.shape
+    marks = photos.meta["landmarks"].float()
+    sigma = 0.1 * (marks[:, 1] - marks[:, 0]).norm(dim=1)
+    r = int(3 * float(sigma.max())) + 1
+    rows, cols = synth._blur_matrices(sigma, H, r), synth._blur_matrices(sigma, W, r)
+    detail = grey - rows[:, None] @ grey @ cols[:, None].transpose(-1, -2)
+    images = renders.images.float().div(255)
+    size = images.shape[-2:]
+    detail = warp(detail, marks, renders.meta["landmarks"], tuple(size))
+    to = renders.meta["landmarks"].float()  # the face's ellipse: centred between eyes and mouth
+    centre = to.mean(1)
+    eyes = (to[:, 1] - to[:, 0]).norm(dim=1)
+    height = (to[:, 3:].mean(1) - to[:, :2].mean(1)).norm(dim=1)
+    ys, xs = torch.meshgrid(torch.arange(size[0]).float(), torch.arange(size[1]).float(), indexing="ij")
+    inside = ((xs - centre[:, 0, None, None]) / (1.1 * eyes[:, None, None])) ** 2 + (
+        (ys - centre[:, 1, None, None]) / (1.2 * height[:, None, None])
+    ) ** 2 < 1
+    out = images.mul_(1 + strength * detail * inside[:, None].float()).clamp_(0, 1)
+    return FaceTensors(
+        out.mul_(255).round_().to(torch.uint8),
+        renders.labels,
+        renders.meta,
+        renders.num_classes,
+        f"{renders.fingerprint} + detail of {photos.fingerprint} x {strength}",
+    )
+
+
 def degrade_photos(
     photos: FaceTensors, factors=PHOTO_FACTORS, nuisance: Nuisance | None = None, seed: int = 0, scale: float = 1.0
 ) -> FaceTensors:

@@ -376,18 +376,23 @@ def align(images: torch.Tensor, landmarks: torch.Tensor, size: int = CHIP, paddi
     images = images.float()
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
+    template = chip_template(size, padding).to(images.device).expand(len(images), 5, 2)
+    return warp(images, landmarks, template, (size, size))
+
+
+def warp(images: torch.Tensor, points: torch.Tensor, to: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The images (B, C, H, W) moved by the similarity transform that takes their `points` (B, N, 2;
+    x, y in pixels, pixel centres at integers) nearest to `to` (B, N, 2), onto a canvas of `size`
+    (rows, columns): bilinear sampling, zeros outside the image."""
     B, _, H, W = images.shape
-    template = chip_template(size, padding).to(images.device).expand(B, 5, 2)
-    to_image = similarity(template, landmarks.to(images.device).float())  # chip pixel -> image pixel
+    to_image = similarity(to.to(images.device).float(), points.to(images.device).float())  # canvas -> image pixel
     ys, xs = torch.meshgrid(
-        torch.arange(size, device=images.device, dtype=torch.float32),
-        torch.arange(size, device=images.device, dtype=torch.float32),
+        torch.arange(size[0], device=images.device, dtype=torch.float32),
+        torch.arange(size[1], device=images.device, dtype=torch.float32),
         indexing="ij",
     )
-    grid = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, -1, 3)  # (1, size^2, 3)
-    points = grid @ to_image.transpose(1, 2)  # (B, size^2, 2): image pixel coordinates
+    grid = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, -1, 3)  # (1, rows * columns, 3)
+    where = grid @ to_image.transpose(1, 2)  # (B, rows * columns, 2): image pixel coordinates
     norm = torch.tensor([2.0 / W, 2.0 / H], device=images.device)
-    sample = (points + 0.5) * norm - 1  # grid_sample's coordinates (align_corners=False)
-    return F.grid_sample(
-        images, sample.view(B, size, size, 2), mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+    sample = (where + 0.5) * norm - 1  # grid_sample's coordinates (align_corners=False)
+    return F.grid_sample(images, sample.view(B, *size, 2), mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -1,5 +1,7 @@
 """The recipes notebooks share: disjoint identities, one evaluation, one cached baseline."""
 
+import math
+
 import pytest
 import torch
 
@@ -233,3 +235,72 @@ def test_identity_sensitivity_measures_each_factor_against_renders_made_here():
     assert rows["jaw"]["similarity"] < 1 - 1e-3 and rows["skin"]["similarity"] < 1 - 1e-3  # both change the image
     with pytest.raises(ValueError, match="at least two identities"):
         experiment.identity_sensitivity(pixels, SynthFaces(range(1), images_per_identity=2, size=32))
+
+
+def test_identity_spread_against_a_loop_and_a_case_worked_by_hand():
+    import numpy as np
+
+    # four identities at +-e1 and +-e2, two samples each (their noise cancels in the mean):
+    # centre 0, each identity at distance 1, the spread shared by two directions
+    e = torch.eye(3, dtype=torch.float64)
+    noise = 0.3 * e[2]
+    points = [e[0], -e[0], e[1], -e[1]]
+    emb = torch.stack([p + s * noise for p in points for s in (1, -1)])
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    out = experiment.identity_spread(emb, labels)
+    assert out["identities"] == 4
+    assert out["total variance"] == pytest.approx(1.0) and out["directions"] == pytest.approx(2.0)
+    # random embeddings, labels in any order: a loop in float64 and numpy's eigenvalues
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(30, 5, generator=g)
+    labels = torch.randint(0, 6, (30,), generator=g)
+    means = []
+    for c in sorted(set(labels.tolist())):
+        m = sum(emb[i].double().numpy() for i in range(30) if labels[i] == c)
+        means.append(m / np.linalg.norm(m))
+    means = np.array(means)
+    centred = means - means.mean(0)
+    eig = np.linalg.eigvalsh(centred.T @ centred / len(means))
+    out = experiment.identity_spread(emb, labels)
+    assert out["total variance"] == pytest.approx(eig.sum(), rel=1e-9)
+    assert out["directions"] == pytest.approx(eig.sum() ** 2 / (eig**2).sum(), rel=1e-9)
+    n = len(means)  # total variance = (n - 1) / n (1 - the mean cosine of two identities)
+    cos = means @ means.T
+    assert out["total variance"] == pytest.approx((n - 1) / n * (1 - cos[~np.eye(n, dtype=bool)].mean()), rel=1e-9)
+    with pytest.raises(ValueError, match="at least two identities"):
+        experiment.identity_spread(emb, torch.zeros(30, dtype=torch.long))
+
+
+def test_real_detail_moves_a_photos_detail_onto_the_render_by_their_landmarks():
+    from frlab.data import SynthFaces, materialize
+    from frlab.data.synth import FaceTensors, Nuisance
+
+    faces = materialize(
+        SynthFaces(range(2), images_per_identity=1, size=64, nuisance=Nuisance.frontal()), progress=False
+    )
+    # flat grey renders with the faces' landmarks: a change there is the photo's detail alone
+    renders = FaceTensors(torch.full_like(faces.images, 128), faces.labels, faces.meta, 2)
+    H, W = 112, 92
+    # each photo's landmarks an exact similarity image of its render's (larger, turned, moved; the
+    # second elsewhere), so the transform maps every landmark onto the render's
+    turn = torch.tensor([[math.cos(0.1), -math.sin(0.1)], [math.sin(0.1), math.cos(0.1)]])
+    marks = 1.6 * faces.meta["landmarks"] @ turn.T + torch.tensor([[[2.0, 5.0]], [[14.0, -3.0]]])
+    flat = torch.full((2, 1, H, W), 120, dtype=torch.uint8)
+    dot = flat.clone()
+    for k in range(2):  # a bright dot at each photo's left eye
+        x, y = marks[k, 0].round().long().tolist()
+        dot[k, 0, y - 1 : y + 2, x - 1 : x + 2] = 250
+    photos = lambda images: FaceTensors(images, torch.arange(2), {"landmarks": marks}, 2)  # noqa: E731
+    base = renders.images.float()
+    assert torch.equal(experiment.real_detail(renders, photos(dot), 0.0).images, renders.images)
+    assert torch.equal(experiment.real_detail(renders, photos(flat), 2.0).images, renders.images)  # no detail
+    changed = (experiment.real_detail(renders, photos(dot), 2.0).images.float() - base).abs().sum(1)
+    for k in range(2):
+        y, x = divmod(int(changed[k].argmax()), 64)
+        eye = renders.meta["landmarks"][k, 0]
+        assert abs(x - float(eye[0])) <= 1 and abs(y - float(eye[1])) <= 1  # where the render's left eye is
+    assert changed[:, :, :4].sum() == 0 and changed[:, :4].sum() == 0  # outside the face: untouched
+    with pytest.raises(ValueError, match="one photo per render"):
+        experiment.real_detail(renders, photos(dot).subset(torch.tensor([0])), 2.0)
+    with pytest.raises(ValueError, match="strength"):
+        experiment.real_detail(renders, photos(dot), -1.0)
