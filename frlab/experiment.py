@@ -213,7 +213,8 @@ def identity_spread(embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
     classes, index = labels.unique(return_inverse=True)
     if len(classes) < 2:
         raise ValueError(f"identity_spread needs at least two identities, got {len(classes)}")
-    sums = torch.zeros(len(classes), embeddings.shape[1], dtype=torch.float64).index_add_(0, index, embeddings.double())
+    sums = torch.zeros(len(classes), embeddings.shape[1], dtype=torch.float64, device=embeddings.device)
+    sums.index_add_(0, index, embeddings.double())
     means = torch.nn.functional.normalize(sums, dim=1)
     centred = means - means.mean(0)
     eig = torch.linalg.eigvalsh(centred.T @ centred / len(means)).clamp(min=0)
@@ -235,6 +236,8 @@ def real_detail(renders: FaceTensors, photos: FaceTensors, strength: float = 2.0
     from .pretrained import warp
 
     checks.number("strength", strength, lo=0)
+    if "landmarks" not in photos.meta or "landmarks" not in renders.meta:
+        raise ValueError("real_detail needs the five landmarks of the renders and the photos (meta['landmarks'])")
     if len(photos) != len(renders):
         raise ValueError(f"one photo per render: {len(photos)} photos for {len(renders)} renders")
     grey = photos.images.float().div(255).mean(1, keepdim=True)
@@ -247,7 +250,7 @@ def real_detail(renders: FaceTensors, photos: FaceTensors, strength: float = 2.0
     images = renders.images.float().div(255)
     size = images.shape[-2:]
     detail = warp(detail, marks, renders.meta["landmarks"], tuple(size))
-    to = renders.meta["landmarks"].float()  # the face's ellipse: centred between eyes and mouth
+    to = renders.meta["landmarks"].float()  # the face's ellipse, centred on the landmarks' mean
     centre = to.mean(1)
     eyes = (to[:, 1] - to[:, 0]).norm(dim=1)
     height = (to[:, 3:].mean(1) - to[:, :2].mean(1)).norm(dim=1)

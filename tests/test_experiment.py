@@ -304,3 +304,6 @@ def test_real_detail_moves_a_photos_detail_onto_the_render_by_their_landmarks():
         experiment.real_detail(renders, photos(dot).subset(torch.tensor([0])), 2.0)
     with pytest.raises(ValueError, match="strength"):
         experiment.real_detail(renders, photos(dot), -1.0)
+    bare = FaceTensors(dot, torch.arange(2), {}, 2)
+    with pytest.raises(ValueError, match="landmarks"):
+        experiment.real_detail(renders, bare, 2.0)
