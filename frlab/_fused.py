@@ -303,15 +303,17 @@ class _CosineCrossEntropy(torch.autograd.Function):
             P = (xn * s) @ w.t()
         logits = torch.empty(P.shape, dtype=inv.dtype, device=P.device) if with_logits else None
         serial = serial_blocks()  # decided once a step: forward and backward walk the same blocks
-        with torch.autocast(P.device.type, enabled=False), serial_on_cpu(P, serial):
-            blocks = _CosineCrossEntropy._blocks(P, serial) if nll is None else []  # given: the rows' losses
-            nll = torch.empty(len(T), dtype=inv.dtype, device=T.device) if nll is None else nll.to(inv.dtype, copy=True)
-            for r in blocks:  # -log p_y = logsumexp(O) - T
-                O = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)[0]
-                if logits is not None:
-                    logits[r] = O
-                # log_softmax's fused kernel is faster here than logsumexp's four passes
-                nll[r] = torch.log_softmax(O, 1).gather(1, labels[r, None]).squeeze(1).neg_()
+        if nll is not None:  # the head computed the rows' losses from the same logits: no blocks to walk
+            nll = nll.to(inv.dtype, copy=True)
+        else:
+            nll = torch.empty(len(T), dtype=inv.dtype, device=T.device)  # -log p_y = logsumexp(O) - T
+            with torch.autocast(P.device.type, enabled=False), serial_on_cpu(P, serial):
+                for r in _CosineCrossEntropy._blocks(P, serial):
+                    O = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)[0]
+                    if logits is not None:
+                        logits[r] = O
+                    # log_softmax's fused kernel is faster here than logsumexp's four passes
+                    nll[r] = torch.log_softmax(O, 1).gather(1, labels[r, None]).squeeze(1).neg_()
         ctx.save_for_backward(xn, w, inv, P, T, dT, c_y, labels)
         ctx.s, ctx.negatives, ctx.reduction, ctx.serial = s, negatives, reduction, serial
         loss = nll if reduction == "none" else (nll.sum() if reduction == "sum" else nll.mean())

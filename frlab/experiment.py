@@ -204,9 +204,10 @@ def identity_sensitivity(model, faces: SynthFaces, device: str = "cpu") -> dict[
 
 def identity_spread(embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
     """How far apart, and along how many directions, a model places identities: each identity's
-    unit mean embedding (of its samples `labels`), then the spread of those means about their
-    centre. "total variance": the mean squared distance of an identity from the centre (with n
-    identities, (n - 1) / n times 1 minus the mean cosine similarity of two of them); "directions":
+    unit mean embedding (of its samples `labels`); "similarity": the mean cosine similarity of two
+    identities' means; then the spread of the means about their centre. "total variance": the mean
+    squared distance of an identity from the centre (with n identities, (n - 1) / n times 1 minus
+    the similarity); "directions":
     the participation ratio of the spread's eigenvalues, (sum)^2 / sum of squares, the number of
     directions that would share it evenly (1 where identities lie on a line; at most n - 1). Compare
     data sets at the same number of identities: both grow with it."""
@@ -216,10 +217,13 @@ def identity_spread(embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
     sums = torch.zeros(len(classes), embeddings.shape[1], dtype=torch.float64, device=embeddings.device)
     sums.index_add_(0, index, embeddings.double())
     means = torch.nn.functional.normalize(sums, dim=1)
+    n = len(means)
+    similarity = ((means @ means.T).sum() - n) / (n * (n - 1))  # the off-diagonal mean (each diagonal entry is 1)
     centred = means - means.mean(0)
-    eig = torch.linalg.eigvalsh(centred.T @ centred / len(means)).clamp(min=0)
+    eig = torch.linalg.eigvalsh(centred.T @ centred / n).clamp(min=0)
     return {
-        "identities": len(classes),
+        "identities": n,
+        "similarity": float(similarity),
         "total variance": float(eig.sum()),
         "directions": float(eig.sum() ** 2 / (eig**2).sum()),
     }

@@ -250,6 +250,7 @@ def test_identity_spread_against_a_loop_and_a_case_worked_by_hand():
     out = experiment.identity_spread(emb, labels)
     assert out["identities"] == 4
     assert out["total variance"] == pytest.approx(1.0) and out["directions"] == pytest.approx(2.0)
+    assert out["similarity"] == pytest.approx(-1 / 3)  # each identity: -1 to its opposite, 0 to the other two
     # random embeddings, labels in any order: a loop in float64 and numpy's eigenvalues
     g = torch.Generator().manual_seed(3)
     emb = torch.randn(30, 5, generator=g)
@@ -266,7 +267,8 @@ def test_identity_spread_against_a_loop_and_a_case_worked_by_hand():
     assert out["directions"] == pytest.approx(eig.sum() ** 2 / (eig**2).sum(), rel=1e-9)
     n = len(means)  # total variance = (n - 1) / n (1 - the mean cosine of two identities)
     cos = means @ means.T
-    assert out["total variance"] == pytest.approx((n - 1) / n * (1 - cos[~np.eye(n, dtype=bool)].mean()), rel=1e-9)
+    assert out["similarity"] == pytest.approx(cos[~np.eye(n, dtype=bool)].mean(), rel=1e-9)
+    assert out["total variance"] == pytest.approx((n - 1) / n * (1 - out["similarity"]), rel=1e-9)
     with pytest.raises(ValueError, match="at least two identities"):
         experiment.identity_spread(emb, torch.zeros(30, dtype=torch.long))
 
