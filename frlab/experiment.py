@@ -207,10 +207,9 @@ def identity_spread(embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
     unit mean embedding (of its samples `labels`); "similarity": the mean cosine similarity of two
     identities' means; then the spread of the means about their centre. "total variance": the mean
     squared distance of an identity from the centre (with n identities, (n - 1) / n times 1 minus
-    the similarity); "directions":
-    the participation ratio of the spread's eigenvalues, (sum)^2 / sum of squares, the number of
-    directions that would share it evenly (1 where identities lie on a line; at most n - 1). Compare
-    data sets at the same number of identities: both grow with it."""
+    the similarity); "directions": the participation ratio of the spread's eigenvalues, (sum)^2 /
+    sum of squares, the number of directions that would share it evenly (1 where identities lie on
+    a line; at most n - 1). Compare data sets at the same number of identities: both grow with it."""
     classes, index = labels.unique(return_inverse=True)
     if len(classes) < 2:
         raise ValueError(f"identity_spread needs at least two identities, got {len(classes)}")
