@@ -262,8 +262,12 @@ class _CosineCrossEntropy(torch.autograd.Function):
         G_j = dloss/dP_j = p_j (dO_j/dL_j) inv_j g_i, 0 at y,
         dloss/dxs = G @ W,   dloss/dW_j = H_j - inv_j^2 (W_j . H_j) W_j  with H = G.T @ xs
     (the second term is the derivative of inv_j, folded in: no normalized C x D copy of W, and no
-    B x C pass for the column scales, which happen inside the blocks). The target column's own
-    gradient, g_y = dloss/dT_y dT/dc_y, is added here too: g_y W_y / |W_y| to x_hat's and
+    B x C pass for the column scales, which happen inside the blocks). W_j . H_j = sum_i G_ij P_ij
+    is summed by the blocks while they are in cache, and dL/dW starts as -inv_j^2 (W_j . H_j) W_j,
+    to which the product adds H (a gemm with beta = 1): no pass of its own over W and H (under
+    autocast, where G is not in W's dtype, that pass follows the product). A per-row g (reduction
+    "none") scales G's rows through the B x D operands of the two products, not by a pass over G.
+    The target column's own gradient, g_y = dloss/dT_y dT/dc_y, is added here too: g_y W_y / |W_y| to x_hat's and
     g_y (x_hat - c_y W_y / |W_y|) / |W_y| to row y of dL/dW, in place (handed to autograd as a
     second, sparse gradient of W it would cost a C x D copy to sum). Under autocast P and G are in
     the autocast dtype, as the bare classifier's are; everything else is float32 (float64 for a
@@ -329,38 +333,45 @@ class _CosineCrossEntropy(torch.autograd.Function):
         G, gT = torch.empty_like(P), torch.empty_like(T)
         per_row = ctx.reduction == "none"
         g = g.to(inv.dtype) / (B if ctx.reduction == "mean" else 1)  # dloss/d(row loss): a scalar, or (B,)
-        inv_scale = None if per_row else inv * g  # dloss/dO_j = p_j g, and dL_j/dP_j = inv_j
+        inv_scale = inv if per_row else inv * g  # a scalar g in the column scales; a per-row g ...
+        row_scale = g[:, None] if per_row else 1.0  # ... in the B x D operands of G's products
+        need_x, need_w = ctx.needs_input_grad[:2]
+        fold = need_w and G.dtype == w.dtype  # W . H from the blocks: sum_i G_ij g_i P_ij
+        blocks = _CosineCrossEntropy._blocks(P, ctx.serial)
+        # the blocks' G P, summed element-wise in a block-sized buffer (in cache), by rows at the end
+        GP = torch.zeros((min(blocks[0].stop, len(P)), P.shape[1]), dtype=inv.dtype, device=P.device) if fold else None
         with serial_on_cpu(P, ctx.serial):
-            for r in _CosineCrossEntropy._blocks(P, ctx.serial):
+            for r in blocks:
                 y = labels[r, None]
                 p, L, saved = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)
                 p = torch.softmax(p, 1)
-                g_r = g[r] if per_row else g
-                gT[r] = ((p.gather(1, y).squeeze(1) - 1) * g_r).to(gT.dtype)
+                gT[r] = ((p.gather(1, y).squeeze(1) - 1) * (g[r] if per_row else g)).to(gT.dtype)
                 if negatives is not None:
                     negatives.scale_grad_(p, L, saved, r)
-                if per_row:
-                    torch.mul(p, inv, out=G[r]).mul_(g_r[:, None].to(G.dtype)).scatter_(1, y, 0.0)
-                else:
-                    torch.mul(p, inv_scale, out=G[r]).scatter_(1, y, 0.0)  # straight into G: no block copy
-        need_x, need_w = ctx.needs_input_grad[:2]
+                torch.mul(p, inv_scale, out=G[r]).scatter_(1, y, 0.0)  # straight into G: no block copy
+                if fold and per_row:
+                    GP[: len(p)].addcmul_(torch.mul(G[r], P[r], out=p), g[r, None])  # into p's buffer first
+                elif fold:
+                    GP[: len(p)].addcmul_(G[r], P[r])
         g_y = gT * dT  # dloss/dc_y, through the target logit
         inv_y = inv[labels]
         w_y = w[labels].to(inv.dtype) * inv_y[:, None]  # the unit target proxies (B x D)
         grad_x = grad_w = None
         if need_x:
-            grad_x = (G @ w.to(G.dtype)).to(inv.dtype).mul_(s).addcmul_(w_y, g_y[:, None]).to(xn.dtype)
+            grad_x = (G @ w.to(G.dtype)).to(inv.dtype).mul_(s * row_scale).addcmul_(w_y, g_y[:, None]).to(xn.dtype)
         if need_w:
-            grad_w = (G.t() @ (xn * s).to(G.dtype)).to(
-                w.dtype
-            )  # H, then dL/dW in place, a cache-sized block of rows at a time
+            xs = (xn.to(inv.dtype) * (s * row_scale)).to(G.dtype)
             inv2 = (inv * inv).to(w.dtype)
-            rows = _CosineCrossEntropy.CUDA_PROXY_ROWS if w.is_cuda else _CosineCrossEntropy.PROXY_ROWS
-            with serial_on_cpu(w, ctx.serial):
-                for j in range(0, w.shape[0], rows):
-                    k = slice(j, j + rows)
-                    coef = (w[k] * grad_w[k]).sum(1).mul_(inv2[k])
-                    grad_w[k].addcmul_(w[k], coef[:, None], value=-1.0)
+            if fold:  # -inv^2 (W . H) W, then + H by the product itself
+                grad_w = torch.mul(w, GP.sum(0).to(w.dtype).mul_(inv2).neg_()[:, None]).addmm_(G.t(), xs)
+            else:  # H, then dL/dW in place, a cache-sized block of rows at a time
+                grad_w = (G.t() @ xs).to(w.dtype)
+                rows = _CosineCrossEntropy.CUDA_PROXY_ROWS if w.is_cuda else _CosineCrossEntropy.PROXY_ROWS
+                with serial_on_cpu(w, ctx.serial):
+                    for j in range(0, w.shape[0], rows):
+                        k = slice(j, j + rows)
+                        coef = (w[k] * grad_w[k]).sum(1).mul_(inv2[k])
+                        grad_w[k].addcmul_(w[k], coef[:, None], value=-1.0)
             rows_y = (xn.to(inv.dtype) - c_y[:, None] * w_y).mul_((g_y * inv_y)[:, None])
             grad_w.index_add_(0, labels, rows_y.to(w.dtype))  # the target column's own gradient
         return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None
