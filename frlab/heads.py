@@ -523,13 +523,12 @@ class CIFP(Head):
             return loss
         T = s * (cos_y - self.m - self._penalty_value(xn, cos_y, i, j))
         nll = torch.logaddexp(others, T) - T
-        rows, _ = cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, None, "none", P=P, inv=inv, nll=nll)
+        loss, _ = cosine_cross_entropy(xn, w, labels, c_y, T, dT, s, None, reduction, P=P, inv=inv, nll=nll)
         # The penalty's graph, built after the kernel's: autograd then runs it first, and the
         # kernel's dense gradient of W is added to its sparse one in place (the other order adds
-        # a sparse gradient to a dense one out of place: a C x D copy).
+        # a sparse gradient to a dense one out of place: a C x D copy). Its surrogate is 0 in value.
         p = self._penalty(xn, labels, cos_y, i, j)
-        rows = rows + s * (1 - torch.exp(-rows.detach())) * (p - p.detach())  # the value unchanged
-        return _reduce(rows, reduction)
+        return loss + _reduce(s * (1 - torch.exp(-nll)) * (p - p.detach()), reduction)
 
 
 HEADS: dict[str, type[Head]] = {}

@@ -147,7 +147,7 @@ def test_cifp_refuses_bad_arguments():
 
 @pytest.mark.parametrize("form", ["code", "paper"])
 @pytest.mark.parametrize("far", [None, 0.05, 0.3, 0.9, 1e-6])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_forward_computes_the_reference(form, far, reduction):
     g = torch.Generator().manual_seed(1)
     for spread in (0.3, 1.5):
