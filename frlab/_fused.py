@@ -318,9 +318,9 @@ class _CosineCrossEntropy(torch.autograd.Function):
                         logits[r] = O
                     # log_softmax's fused kernel is faster here than logsumexp's four passes
                     nll[r] = torch.log_softmax(O, 1).gather(1, labels[r, None]).squeeze(1).neg_()
-        ctx.save_for_backward(xn, w, inv, P, T, dT, c_y, labels)
+        ctx.save_for_backward(xn, w, inv, P, T, dT, c_y, labels, nll)
         ctx.s, ctx.negatives, ctx.reduction, ctx.serial = s, negatives, reduction, serial
-        loss = nll if reduction == "none" else (nll.sum() if reduction == "sum" else nll.mean())
+        loss = nll.clone() if reduction == "none" else (nll.sum() if reduction == "sum" else nll.mean())  # nll: saved
         if logits is None:
             return loss, None
         ctx.mark_non_differentiable(logits)
@@ -328,11 +328,12 @@ class _CosineCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_logits=None):
-        xn, w, inv, P, T, dT, c_y, labels = ctx.saved_tensors
+        xn, w, inv, P, T, dT, c_y, labels, nll = ctx.saved_tensors
         s, negatives, B = ctx.s, ctx.negatives, P.shape[0]
-        G, gT = torch.empty_like(P), torch.empty_like(T)
+        G = torch.empty_like(P)
         per_row = ctx.reduction == "none"
         g = g.to(inv.dtype) / (B if ctx.reduction == "mean" else 1)  # dloss/d(row loss): a scalar, or (B,)
+        gT = (torch.exp(-nll) - 1).mul_(g)  # dloss/dT = (p_y - 1) g, with p_y = exp(-nll) from the forward
         inv_scale = inv if per_row else inv * g  # a scalar g in the column scales; a per-row g ...
         row_scale = g[:, None] if per_row else 1.0  # ... in the B x D operands of G's products
         need_x, need_w = ctx.needs_input_grad[:2]
@@ -345,7 +346,6 @@ class _CosineCrossEntropy(torch.autograd.Function):
                 y = labels[r, None]
                 p, L, saved = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)
                 p = torch.softmax(p, 1)
-                gT[r] = ((p.gather(1, y).squeeze(1) - 1) * (g[r] if per_row else g)).to(gT.dtype)
                 if negatives is not None:
                     negatives.scale_grad_(p, L, saved, r)
                 torch.mul(p, inv_scale, out=G[r]).scatter_(1, y, 0.0)  # straight into G: no block copy
