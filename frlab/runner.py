@@ -10,7 +10,9 @@ Parameters are checked against each notebook's typed `parameters` cell before an
 Each run writes runs/<notebook>/<run-id>/ with the executed notebook, params.json (values, seed,
 versions, git commit, wall time, status: ok, failed or interrupted), the kernel's stderr
 (kernel.log; the runner prints its lines except known noise), and the metrics.json and figures/
-the notebook itself writes. Ctrl-C stops the run with one line and exit code 130.
+the notebook itself writes. Ctrl-C stops the run with one line and exit code 130. A kernel that
+does no work for 10 minutes while the runner waits on it is stopped, and its run fails with a
+message that says so (`Watchdog`; FRLAB_KERNEL_IDLE_LIMIT=SECONDS sets the limit, 0 turns it off).
 """
 
 from __future__ import annotations
@@ -146,18 +148,127 @@ def new_run_dir(out: Path, stem: str, smoke: bool) -> Path:
 KERNEL_NOISE = ("Kernel is running over TCP without encryption",)  # what every kernel prints: not news
 
 
-def _kernel_manager(log: Path):
+POLL_S = 1.0  # the longest a wait for a kernel's message goes without looking at its socket again
+
+
+def _kernel_manager(log: Path, watchdog: Watchdog | None = None):
     """A kernel manager whose kernel writes its stderr to `log` (in the run folder), so that the
-    runner can show what is news and drop what every kernel prints."""
+    runner can show what is news and drop what every kernel prints; it tells `watchdog` the
+    kernel's process id. Its clients wait for a message in slices of POLL_S: papermill waits for
+    a cell's reply without a timeout, and now and then the event loop misses the wake-up of a
+    message that has arrived, which a wait without a timeout then never looks at again (a smoke
+    notebook with a widget stalled in about 1 run in 30, until a timed poll found the message)."""
+    from queue import Empty
+
+    from jupyter_client.channels import AsyncZMQSocketChannel
     from jupyter_client.manager import AsyncKernelManager
+
+    class PolledChannel(AsyncZMQSocketChannel):
+        async def get_msg(self, timeout: float | None = None):
+            while timeout is None:
+                try:
+                    return await super().get_msg(POLL_S)
+                except Empty:
+                    continue
+            return await super().get_msg(timeout)
 
     class LoggedKernel(AsyncKernelManager):
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             with open(log, "ab") as f:  # the child keeps its own copy of the descriptor
                 kw["stderr"] = f
-                return await super()._async_launch_kernel(kernel_cmd, **kw)
+                out = await super()._async_launch_kernel(kernel_cmd, **kw)
+            if watchdog is not None:
+                watchdog.pid = getattr(self.provisioner, "pid", None)
+            return out
+
+        def client(self, **kw):
+            kc = super().client(**kw)
+            kc.shell_channel_class = kc.iopub_channel_class = kc.control_channel_class = PolledChannel
+            kc.stdin_channel_class = PolledChannel
+            return kc
 
     return LoggedKernel
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, in seconds) of process `pid` and of every descendant alive now,
+    read from /proc; None where there is no /proc (not Linux) or no such process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or unreadable
+        stats[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime + stime
+    if pid not in stats:
+        return None
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(child)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats[p][1]
+        todo += children.get(p, [])
+    return total
+
+
+class Watchdog:
+    """Stops a kernel that does no work for `limit` seconds while the runner waits on it.
+
+    A notebook's cells compute (training, embedding, plotting): their kernel, or a process it
+    started, is busy. A kernel that sits idle while papermill still waits for a cell's reply has
+    finished, and the reply went astray between the two; the runner would wait forever (the
+    clients' sliced polling, `POLL_S`, finds a reply whose wake-up was missed; this is for the
+    rest). Every `limit / 10` seconds (at most 30) the watchdog reads the CPU
+    time of the kernel's process tree; once it has grown by less than 1% of the time passed for
+    `limit` seconds, it kills the kernel, papermill ends with a dead kernel, and the run fails
+    with a message that says why. `FRLAB_KERNEL_IDLE_LIMIT` sets `limit` (default 600 s; 0 turns
+    the watchdog off). Linux only (it reads /proc); elsewhere it does nothing."""
+
+    def __init__(self, limit: float):
+        import threading
+
+        self.limit, self.pid, self.fired = limit, None, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="frlab kernel watchdog")
+
+    def __enter__(self) -> Watchdog:
+        if self.limit > 0 and Path("/proc/self/stat").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        interval = min(30.0, self.limit / 10)
+        last = idle_since = None
+        while not self._stop.wait(interval):
+            cpu = cpu_seconds(self.pid) if self.pid is not None else None
+            now = time.monotonic()
+            if cpu is None:
+                continue  # not started yet, or ended
+            if last is None or cpu - last >= 0.01 * interval:
+                idle_since = now
+            last = cpu
+            if now - idle_since >= self.limit:
+                self.fired = True
+                os.kill(self.pid, 9)  # SIGKILL: papermill sees a dead kernel and returns
+                return
+
+
+def idle_limit() -> float:
+    """`FRLAB_KERNEL_IDLE_LIMIT` in seconds (a number >= 0), else 600."""
+    text = os.environ.get("FRLAB_KERNEL_IDLE_LIMIT", "600")
+    try:
+        limit = float(text)
+    except ValueError:
+        raise ParameterError(f"FRLAB_KERNEL_IDLE_LIMIT must be a number of seconds, got {text!r}") from None
+    if not limit >= 0:
+        raise ParameterError(f"FRLAB_KERNEL_IDLE_LIMIT must be >= 0 (0: no watchdog), got {text!r}")
+    return limit
 
 
 def kernel_news(log: Path) -> list[str]:
@@ -186,16 +297,18 @@ def execute(p: Plan, out: Path) -> Result:
     write_json(run_dir / "params.json", meta)
     t0 = time.perf_counter()
     error = ""
+    watchdog = Watchdog(idle_limit())
     try:
-        pm.execute_notebook(
-            str(p.notebook),
-            str(run_dir / p.notebook.name),
-            parameters=values,
-            kernel_name="python3",
-            cwd=str(p.notebook.parent),
-            progress_bar=sys.stderr.isatty(),
-            kernel_manager_class=_kernel_manager(run_dir / "kernel.log"),
-        )
+        with watchdog:
+            pm.execute_notebook(
+                str(p.notebook),
+                str(run_dir / p.notebook.name),
+                parameters=values,
+                kernel_name="python3",
+                cwd=str(p.notebook.parent),
+                progress_bar=sys.stderr.isatty(),
+                kernel_manager_class=_kernel_manager(run_dir / "kernel.log", watchdog),
+            )
     except (KeyboardInterrupt, pm.PapermillExecutionError) as e:
         if isinstance(e, pm.PapermillExecutionError) and e.ename != "KeyboardInterrupt":
             error = _cell_error(e, p)
@@ -205,6 +318,11 @@ def execute(p: Plan, out: Path) -> Result:
             raise KeyboardInterrupt from None
     except Exception as e:  # kernel died, notebook unreadable, ...
         error = f"{type(e).__name__}: {e}"
+    if watchdog.fired:
+        error = (
+            f"a lost reply: the kernel did no work for {watchdog.limit:g} s while the runner waited on a cell, "
+            "so it was stopped; run the notebook again (FRLAB_KERNEL_IDLE_LIMIT sets the limit)"
+        )
     wall = time.perf_counter() - t0
     meta.update(wall_s=round(wall, 2), status="failed" if error else "ok", error=error)
     write_json(run_dir / "params.json", meta)
@@ -302,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if not names:
             raise ParameterError("no notebook given; name one or use --all")
         plans = [plan(nb, args.param, args.smoke) for nb in names]
+        idle_limit()
     except (ParameterError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

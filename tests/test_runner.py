@@ -1,6 +1,7 @@
 """The runner: parameters are parsed and checked before any kernel starts; errors are one clear line."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -292,3 +293,57 @@ def test_kernel_noise_is_dropped_and_news_is_shown(tmp_path):
     (run_dir,) = (tmp_path / "runs" / "01_news").iterdir()
     log = (run_dir / "kernel.log").read_text()
     assert "the kernel has news" in log and "without encryption" in log  # the noise was there, and dropped
+
+
+def test_a_kernel_that_does_no_work_while_a_cell_runs_is_stopped_with_a_clear_error(tmp_path):
+    # an idle cell stands for a reply lost between papermill and the kernel: without the watchdog
+    # the runner would wait forever (the cell sleeps far past the limit, which is what it waits for)
+    nb = tmp_path / "01_idle.ipynb"
+    nb.write_text(json.dumps(_notebook('run_dir: str = ""', "import time\ntime.sleep(600)")))
+    env = {**os.environ, "FRLAB_KERNEL_IDLE_LIMIT": "4"}
+    t0 = time.time()
+    r = subprocess.run(
+        [sys.executable, "-m", "frlab", "run", str(nb), "--out", str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 1 and time.time() - t0 < 60
+    assert (
+        "01_idle failed in a lost reply: the kernel did no work for 4 s while the runner waited on a cell" in r.stderr
+    )
+    (run_dir,) = (tmp_path / "runs" / "01_idle").iterdir()
+    meta = json.loads((run_dir / "params.json").read_text())
+    assert meta["status"] == "failed" and "did no work" in meta["error"]
+
+
+def test_a_busy_kernel_outlasts_the_idle_limit_and_a_bad_limit_is_one_line(tmp_path):
+    nb = tmp_path / "01_busy.ipynb"
+    nb.write_text(
+        json.dumps(_notebook('run_dir: str = ""', "import time\nt = time.time()\nwhile time.time() - t < 8:\n    pass"))
+    )
+    env = {**os.environ, "FRLAB_KERNEL_IDLE_LIMIT": "3"}
+    run = [sys.executable, "-m", "frlab", "run", str(nb), "--out", str(tmp_path / "runs")]
+    r = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    for bad in ("soon", "-1"):
+        r = subprocess.run(
+            run, capture_output=True, text=True, cwd=ROOT, timeout=120, env={**env, "FRLAB_KERNEL_IDLE_LIMIT": bad}
+        )
+        assert r.returncode == 2 and "FRLAB_KERNEL_IDLE_LIMIT must be" in r.stderr.strip().splitlines()[-1]
+
+
+def test_cpu_seconds_counts_a_process_and_its_children():
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc (Linux)")
+    from frlab.runner import cpu_seconds
+
+    busy = "import time\nt = time.time()\nwhile time.time() - t < 2:\n    pass"
+    child = subprocess.Popen([sys.executable, "-c", busy])
+    time.sleep(1.5)
+    own, tree = cpu_seconds(child.pid), cpu_seconds(os.getpid())
+    child.wait()
+    assert own >= 0.5 and tree >= own  # the busy child's time, counted under this process too
+    assert cpu_seconds(child.pid) is None  # gone
