@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -156,8 +157,8 @@ def _kernel_manager(log: Path, watchdog: Watchdog | None = None):
     runner can show what is news and drop what every kernel prints; it tells `watchdog` the
     kernel's process id. Its clients wait for a message in slices of POLL_S: papermill waits for
     a cell's reply without a timeout, and now and then the event loop misses the wake-up of a
-    message that has arrived, which a wait without a timeout then never looks at again (a smoke
-    notebook with a widget stalled in about 1 run in 30, until a timed poll found the message)."""
+    message that has arrived, which a wait without a timeout then never looks at again (a timed
+    poll finds it)."""
     from queue import Empty
 
     from jupyter_client.channels import AsyncZMQSocketChannel
@@ -221,11 +222,11 @@ class Watchdog:
     started, is busy. A kernel that sits idle while papermill still waits for a cell's reply has
     finished, and the reply went astray between the two; the runner would wait forever (the
     clients' sliced polling, `POLL_S`, finds a reply whose wake-up was missed; this is for the
-    rest). Every `limit / 10` seconds (at most 30) the watchdog reads the CPU
-    time of the kernel's process tree; once it has grown by less than 1% of the time passed for
-    `limit` seconds, it kills the kernel, papermill ends with a dead kernel, and the run fails
-    with a message that says why. `FRLAB_KERNEL_IDLE_LIMIT` sets `limit` (default 600 s; 0 turns
-    the watchdog off). Linux only (it reads /proc); elsewhere it does nothing."""
+    rest). Every `limit / 10` seconds (at most 30) the watchdog reads the CPU time of the
+    kernel's process tree; once it has grown by less than 1% of the time passed for `limit`
+    seconds, it kills the kernel, papermill ends with a dead kernel, and the run fails with a
+    message that says why. `FRLAB_KERNEL_IDLE_LIMIT` sets `limit` (default 600 s; 0 turns the
+    watchdog off). Linux only (it reads /proc); elsewhere it does nothing."""
 
     def __init__(self, limit: float):
         import threading
@@ -255,7 +256,7 @@ class Watchdog:
             last = cpu
             if now - idle_since >= self.limit:
                 self.fired = True
-                os.kill(self.pid, 9)  # SIGKILL: papermill sees a dead kernel and returns
+                os.kill(self.pid, signal.SIGKILL)  # papermill sees a dead kernel and returns
                 return
 
 
