@@ -267,9 +267,9 @@ class _CosineCrossEntropy(torch.autograd.Function):
     to which the product adds H (a gemm with beta = 1): no pass of its own over W and H (under
     autocast, where G is not in W's dtype, that pass follows the product). A per-row g (reduction
     "none") scales G's rows through the B x D operands of the two products, not by a pass over G.
-    The target column's own gradient, g_y = dloss/dT_y dT/dc_y, is added here too: g_y W_y / |W_y| to x_hat's and
-    g_y (x_hat - c_y W_y / |W_y|) / |W_y| to row y of dL/dW, in place (handed to autograd as a
-    second, sparse gradient of W it would cost a C x D copy to sum). Under autocast P and G are in
+    The target column's own gradient, g_y = dloss/dT_y dT/dc_y, is added here too: g_y W_y / |W_y|
+    to x_hat's and g_y (x_hat - c_y W_y / |W_y|) / |W_y| to row y of dL/dW, in place (handed to
+    autograd as a second, sparse gradient of W it would cost a C x D copy to sum). Under autocast P and G are in
     the autocast dtype, as the bare classifier's are; everything else is float32 (float64 for a
     float64 head). With `with_logits`, the margin logits O (B x C, no gradient) are kept as the
     blocks make them: no second product.
