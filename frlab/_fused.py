@@ -247,8 +247,9 @@ def serial_on_cpu(t: torch.Tensor, enabled: bool = True):
 
 class _CosineCrossEntropy(torch.autograd.Function):
     """Cross-entropy of a normalized softmax, fused with the proxies' normalization and the margin,
-    so that it keeps no more than the bare classifier's `linear + cross_entropy` does: the B x C
-    product and one B x C gradient.
+    so that it keeps less than the bare classifier's `linear + cross_entropy` does: one B x C array,
+    the product, over which the backward writes the gradient (the bare classifier keeps its
+    log-softmax and makes the gradient beside it).
 
     Inputs: the unit embeddings x_hat (B x D), the raw proxies W (C x D), the labels, the target
     cosines c_y = x_hat . W_y / |W_y| (B,), the target logits T (B,) and their slopes dT/dc_y, the
@@ -267,11 +268,15 @@ class _CosineCrossEntropy(torch.autograd.Function):
     to which the product adds H (a gemm with beta = 1): no pass of its own over W and H (under
     autocast, where G is not in W's dtype, that pass follows the product). A per-row g (reduction
     "none") scales G's rows through the B x D operands of the two products, not by a pass over G.
+    The backward's softmax is exp(O - logsumexp(O)) with each row's logsumexp from the forward
+    (nll + T): no reduction over the block. It writes G's block over the block of P it came from,
+    while that block is in cache (a separate B x C gradient is one more array through memory); a
+    second backward through a retained graph makes P again.
     The target column's own gradient, g_y = dloss/dT_y dT/dc_y, is added here too: g_y W_y / |W_y|
     to x_hat's and g_y (x_hat - c_y W_y / |W_y|) / |W_y| to row y of dL/dW, in place (handed to
-    autograd as a second, sparse gradient of W it would cost a C x D copy to sum). Under autocast P and G are in
-    the autocast dtype, as the bare classifier's are; everything else is float32 (float64 for a
-    float64 head). With `with_logits`, the margin logits O (B x C, no gradient) are kept as the
+    autograd as a second, sparse gradient of W it would cost a C x D copy to sum). Under autocast
+    P and G are in the autocast dtype, as the bare classifier's are; everything else is float32
+    (float64 for a float64 head). With `with_logits`, the margin logits O (B x C, no gradient) are kept as the
     blocks make them: no second product.
     """
 
@@ -318,7 +323,9 @@ class _CosineCrossEntropy(torch.autograd.Function):
                         logits[r] = O
                     # log_softmax's fused kernel is faster here than logsumexp's four passes
                     nll[r] = torch.log_softmax(O, 1).gather(1, labels[r, None]).squeeze(1).neg_()
-        ctx.save_for_backward(xn, w, inv, P, T, dT, c_y, labels, nll)
+        ctx.save_for_backward(xn, w, inv, T, dT, c_y, labels, nll)
+        # P is kept outside save_for_backward: the backward writes G over it (see `backward`)
+        ctx.P, ctx.P_dtype = P, P.dtype
         ctx.s, ctx.negatives, ctx.reduction, ctx.serial = s, negatives, reduction, serial
         loss = nll.clone() if reduction == "none" else (nll.sum() if reduction == "sum" else nll.mean())  # nll: saved
         if logits is None:
@@ -328,31 +335,42 @@ class _CosineCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_logits=None):
-        xn, w, inv, P, T, dT, c_y, labels, nll = ctx.saved_tensors
-        s, negatives, B = ctx.s, ctx.negatives, P.shape[0]
-        G = torch.empty_like(P)
+        xn, w, inv, T, dT, c_y, labels, nll = ctx.saved_tensors
+        s, negatives, P = ctx.s, ctx.negatives, ctx.P
+        if P is None:  # a second backward through this graph (retain_graph): G took P's place, so P again
+            with torch.autocast(xn.device.type, enabled=False):
+                P = (xn * s).to(ctx.P_dtype) @ w.to(ctx.P_dtype).t()
+        ctx.P = None  # G is written over P, a block of rows at a time, once the block has read it
+        B = P.shape[0]
         per_row = ctx.reduction == "none"
         g = g.to(inv.dtype) / (B if ctx.reduction == "mean" else 1)  # dloss/d(row loss): a scalar, or (B,)
         gT = (torch.exp(-nll) - 1).mul_(g)  # dloss/dT = (p_y - 1) g, with p_y = exp(-nll) from the forward
+        neg_lse = -(nll + T)  # minus each row's logsumexp(O), from the forward: no reduction in the blocks
         inv_scale = inv if per_row else inv * g  # a scalar g in the column scales; a per-row g ...
         row_scale = g[:, None] if per_row else 1.0  # ... in the B x D operands of G's products
         need_x, need_w = ctx.needs_input_grad[:2]
-        fold = need_w and G.dtype == w.dtype  # W . H from the blocks: sum_i G_ij g_i P_ij
+        fold = need_w and P.dtype == w.dtype  # W_j . H_j from the blocks: inv_scale_j sum_i p_ij P_ij (g_i)
         blocks = _CosineCrossEntropy._blocks(P, ctx.serial)
-        # the blocks' G P, summed element-wise in a block-sized buffer (in cache), by rows at the end
-        GP = torch.zeros((min(blocks[0].stop, len(P)), P.shape[1]), dtype=inv.dtype, device=P.device) if fold else None
+        # the blocks' p P, summed element-wise in a block-sized buffer (in cache), by rows at the end
+        pP = torch.zeros((min(blocks[0].stop, len(P)), P.shape[1]), dtype=inv.dtype, device=P.device) if fold else None
         with serial_on_cpu(P, ctx.serial):
             for r in blocks:
-                y = labels[r, None]
-                p, L, saved = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)
-                p = torch.softmax(p, 1)
-                if negatives is not None:
+                # softmax(O) = exp(O - lse) off the target; the target column (whatever exp made of
+                # it, inf included) is set to 0 below
+                if negatives is None:
+                    p = torch.addcmul(neg_lse[r, None], P[r], inv).exp_()
+                else:
+                    L = torch.mul(P[r], inv)
+                    O, saved = negatives.logits(L, r)
+                    p = O.add_(neg_lse[r, None]).exp_()
                     negatives.scale_grad_(p, L, saved, r)
-                torch.mul(p, inv_scale, out=G[r]).scatter_(1, y, 0.0)  # straight into G: no block copy
+                p.scatter_(1, labels[r, None], 0.0)
                 if fold and per_row:
-                    GP[: len(p)].addcmul_(torch.mul(G[r], P[r], out=p), g[r, None])  # into p's buffer first
+                    pP[: len(p)].addcmul_(torch.mul(p, P[r]), g[r, None])
                 elif fold:
-                    GP[: len(p)].addcmul_(G[r], P[r])
+                    pP[: len(p)].addcmul_(p, P[r])
+                torch.mul(p, inv_scale, out=P[r])  # G's block, over the block of P it was made from
+        G = P
         g_y = gT * dT  # dloss/dc_y, through the target logit
         inv_y = inv[labels]
         w_y = w[labels].to(inv.dtype) * inv_y[:, None]  # the unit target proxies (B x D)
@@ -363,7 +381,8 @@ class _CosineCrossEntropy(torch.autograd.Function):
             xs = (xn.to(inv.dtype) * (s * row_scale)).to(G.dtype)
             inv2 = (inv * inv).to(w.dtype)
             if fold:  # -inv^2 (W . H) W, then + H by the product itself
-                grad_w = torch.mul(w, GP.sum(0).to(w.dtype).mul_(inv2).neg_()[:, None]).addmm_(G.t(), xs)
+                WH = pP.sum(0).mul_(inv_scale)  # W_j . H_j
+                grad_w = torch.mul(w, WH.to(w.dtype).mul_(inv2).neg_()[:, None]).addmm_(G.t(), xs)
             else:  # H, then dL/dW in place, a cache-sized block of rows at a time
                 grad_w = (G.t() @ xs).to(w.dtype)
                 rows = _CosineCrossEntropy.CUDA_PROXY_ROWS if w.is_cuda else _CosineCrossEntropy.PROXY_ROWS
@@ -384,7 +403,8 @@ def cosine_cross_entropy(
     (no gradient) when `with_logits`, else None. A head that needed the classifier's product
     before its target logits were known (CIFP) passes it as P = (s xn) @ w.T (no gradient), and
     the proxies' inverse norms as inv = `inverse_norms(w)`, and the kernel uses them instead of
-    computing them again; a head that has also computed each row's loss logsumexp(O) - T from them
+    computing them again (the kernel takes P over: its backward writes the gradient over it); a
+    head that has also computed each row's loss logsumexp(O) - T from them
     (CIFP, in the pass of its search: `top_fraction`) passes it as nll (B,), and the forward walks
     no blocks (the backward is the same)."""
     if nll is not None and with_logits:

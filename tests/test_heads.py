@@ -286,6 +286,27 @@ def test_bf16_autocast_keeps_the_margin_in_float32(name):
         assert float((got.double() - want).norm()) < 0.1 * float(want.norm())
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("name", ["cosface", "curricular_t05", "cifp_code", "cifp_paper"])
+def test_a_second_backward_through_the_graph_gives_the_same_gradients(name, autocast):
+    """The kernel's backward writes its gradient over the forward's B x C product: a second backward
+    through a retained graph must make the product again, not read the gradient as the product."""
+    if name.startswith("cifp"):
+        torch.manual_seed(0)
+        head, x, y = heads.CIFP(8, 6, form=name[5:]), torch.randn(10, 8), torch.randint(0, 6, (10,))
+    else:
+        head, x, y = make(name)
+    x = x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = head(x, y)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone(), head.weight.grad.clone()
+    x.grad = head.weight.grad = None
+    loss.backward()
+    torch.testing.assert_close(x.grad, first[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(head.weight.grad, first[1], rtol=1e-6, atol=1e-7)
+
+
 def test_curricular_t_updates_before_use_and_carries_over():
     head, x, y = make("curricular")
     t = torch.tensor(0.0, dtype=torch.float64)
