@@ -276,8 +276,8 @@ class _CosineCrossEntropy(torch.autograd.Function):
     to x_hat's and g_y (x_hat - c_y W_y / |W_y|) / |W_y| to row y of dL/dW, in place (handed to
     autograd as a second, sparse gradient of W it would cost a C x D copy to sum). Under autocast
     P and G are in the autocast dtype, as the bare classifier's are; everything else is float32
-    (float64 for a float64 head). With `with_logits`, the margin logits O (B x C, no gradient) are kept as the
-    blocks make them: no second product.
+    (float64 for a float64 head). With `with_logits`, the margin logits O (B x C, no gradient) are
+    kept as the blocks make them: no second product.
     """
 
     BLOCK = 2**18  # logits per block of rows on the CPU (1 MiB of float32: cache-sized)
@@ -404,9 +404,9 @@ def cosine_cross_entropy(
     before its target logits were known (CIFP) passes it as P = (s xn) @ w.T (no gradient), and
     the proxies' inverse norms as inv = `inverse_norms(w)`, and the kernel uses them instead of
     computing them again (the kernel takes P over: its backward writes the gradient over it); a
-    head that has also computed each row's loss logsumexp(O) - T from them
-    (CIFP, in the pass of its search: `top_fraction`) passes it as nll (B,), and the forward walks
-    no blocks (the backward is the same)."""
+    head that has also computed each row's loss logsumexp(O) - T from them (CIFP, in the pass of
+    its search: `top_fraction`) passes it as nll (B,), and the forward walks no blocks (the
+    backward is the same)."""
     if nll is not None and with_logits:
         raise ValueError("with_logits needs the forward's blocks: pass nll=None")
     return _CosineCrossEntropy.apply(xn, w, labels, c_y, T, dT, s, negatives, reduction, with_logits, P, inv, nll)
