@@ -359,9 +359,8 @@ class _CosineCrossEntropy(torch.autograd.Function):
                 # it, inf included) is set to 0 below
                 if negatives is None:
                     p = torch.addcmul(neg_lse[r, None], P[r], inv).exp_()
-                else:
-                    L = torch.mul(P[r], inv)
-                    O, saved = negatives.logits(L, r)
+                else:  # O as the forward made it
+                    O, L, saved = _CosineCrossEntropy._logits(P, inv, T, labels, negatives, r)
                     p = O.add_(neg_lse[r, None]).exp_()
                     negatives.scale_grad_(p, L, saved, r)
                 p.scatter_(1, labels[r, None], 0.0)
