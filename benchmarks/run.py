@@ -342,8 +342,8 @@ def bench_trainer():
 def bench_render(batch: int = 256, batches: int = 8):
     """The renderer's images per second, and beside it a yardstick of the machine's speed that
     day: 100 element-wise passes (an add into a kept output) over the same pixels, in the
-    renderer's blocks of 64 images. The renderer is a few thousand such passes; their ratio moves
-    with the code, where images per second also move with the machine."""
+    renderer's blocks of 64 images. Their ratio moves with the renderer's code, where images per
+    second also move with the machine."""
     faces = SynthFaces(range(10_000), images_per_identity=50, size=64)
     a, b, out = torch.rand(3, 64, 64, 64).unbind(0)
     ts = timeit_interleaved(
