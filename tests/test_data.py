@@ -276,6 +276,56 @@ def test_bad_input():
         SynthFaces(range(2), size=8)
 
 
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: Normal(0.0, -1.0), ValueError, "Normal's std"),
+        (lambda: Normal(0.0, 1.0, 2.0, 1.0), ValueError, "Normal's lo must not exceed its hi"),
+        (lambda: Normal(0.0, 1.0, "a"), TypeError, "Normal's lo must be a number"),
+        (lambda: synth.Uniform(2.0, 1.0), ValueError, "Uniform's lo must not exceed"),
+        (lambda: synth.Uniform(0.0, math.inf), ValueError, "Uniform's hi must be finite"),
+        (lambda: synth.Bernoulli(1.5), ValueError, "Bernoulli's p"),
+        (lambda: Const(math.nan), ValueError, "Const's value must be finite"),
+        (lambda: synth.Nuisance(yaw=30.0), TypeError, "Nuisance's yaw must be a Normal, Uniform or Const"),
+        (lambda: synth.Nuisance(mask=synth.Uniform()), TypeError, "Nuisance's mask must be a Bernoulli or Const"),
+        (lambda: Group("B", spread=-0.5), ValueError, "the spread of group 'B'"),
+        (lambda: Group("B", weight=-1.0), ValueError, "the weight of group 'B'"),
+        (lambda: SynthFaces(range(3), groups=(Group(weight=0.0),)), ValueError, "weights must not all be 0"),
+        (lambda: SynthFaces(range(3), groups=()), TypeError, "groups must be one or more Group"),
+        (lambda: SynthFaces(range(3), nuisance={"yaw": 3}), TypeError, "nuisance must be a Nuisance"),
+        (lambda: SynthFaces([4, 7, 4]), ValueError, r"distinct \(each id is one face\), got \[4\]"),
+        (lambda: SynthFaces([0.0, 1.0]), TypeError, "identities must be integers"),
+        (lambda: SynthFaces([]), ValueError, "at least one identity"),
+        (lambda: SynthFaces(range(3), images_per_identity=0), ValueError, "images_per_identity"),
+        (lambda: SynthFaces(range(3), size=64.0), TypeError, "size"),
+        (lambda: SynthFaces(range(3), seed="0"), TypeError, "seed must be an integer"),
+        (lambda: SynthFaces(range(3)).render(3), ValueError, r"label must lie in \[0, 2\]"),
+        (lambda: SynthFaces(range(3)).render(-1), ValueError, "label must lie in"),
+        (lambda: SynthFaces(range(3)).landmarks(5), ValueError, "label must lie in"),
+        (lambda: SynthFaces(range(3)).render(0, yaw="30"), TypeError, "yaw must be a number"),
+        (lambda: SynthFaces(range(3)).sweep(0, "yawn"), ValueError, "factor must be one of"),
+    ],
+)
+def test_bad_factors_and_worlds_fail_where_they_are_given(make, error, message):
+    """A distribution, group, world or face asked for with a value of the wrong type or out of
+    range fails at once, with a line that names it (a repeated identity id would be one face
+    under two labels; a negative label would wrap round to the last identity)."""
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_good_factors_and_worlds_of_other_types_are_taken():
+    import numpy as np
+
+    faces = SynthFaces(np.arange(3), seed=np.int64(2), size=32)
+    assert torch.equal(
+        faces.render(np.int64(1), yaw=np.float32(20.0)), SynthFaces(range(3), seed=2, size=32).render(1, yaw=20.0)
+    )
+    assert SynthFaces(torch.arange(3)).num_classes == 3
+    assert Normal(0, 25, -90, 90)(torch.tensor([0.5])).item() == 0.0  # ints, as in Normal(0, 25)
+    assert synth.Uniform(np.float32(-1.0), np.float64(1.0))(torch.tensor([0.5])).item() == 0.0
+
+
 def test_hash_uniform_is_uniform_and_key_sensitive():
     u = hash_uniform(0, torch.arange(100_000), 1)
     assert 0 < float(u.min()) and float(u.max()) < 1

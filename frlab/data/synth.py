@@ -27,12 +27,14 @@ colours come from one population-wide prior, whatever the group.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
 
+from .. import checks
 from ..hparams import code_digest
 from . import face3d
 from .face3d import landmarks
@@ -60,6 +62,17 @@ def hash_uniform(*keys: torch.Tensor | int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- sampling distributions
+def _bounds(kind: str, lo, hi, finite: bool = False) -> None:
+    """lo and hi: numbers (infinite too, unless `finite`) with lo <= hi."""
+    for name, v in (("lo", lo), ("hi", hi)):
+        if finite:
+            checks.number(f"{kind}'s {name}", v)
+        elif isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
+            raise TypeError(f"{kind}'s {name} must be a number, got {v!r}")
+    if lo > hi:
+        raise ValueError(f"{kind}'s lo must not exceed its hi, got lo={lo:g} > hi={hi:g}")
+
+
 @dataclass(frozen=True)
 class Normal:
     """Normal(mean, std) truncated to [lo, hi] (by clamping)."""
@@ -68,6 +81,11 @@ class Normal:
     std: float = 1.0
     lo: float = -math.inf
     hi: float = math.inf
+
+    def __post_init__(self):
+        checks.number("Normal's mean", self.mean)
+        checks.number("Normal's std", self.std, lo=0)
+        _bounds("Normal", self.lo, self.hi)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return (self.mean + self.std * torch.special.ndtri(u)).clamp(self.lo, self.hi)
@@ -78,6 +96,9 @@ class Uniform:
     lo: float = 0.0
     hi: float = 1.0
 
+    def __post_init__(self):
+        _bounds("Uniform", self.lo, self.hi, finite=True)
+
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return self.lo + (self.hi - self.lo) * u
 
@@ -86,6 +107,9 @@ class Uniform:
 class Bernoulli:
     p: float = 0.5
 
+    def __post_init__(self):
+        checks.number("Bernoulli's p", self.p, lo=0, hi=1)
+
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return (u < self.p).double()
 
@@ -93,6 +117,9 @@ class Bernoulli:
 @dataclass(frozen=True)
 class Const:
     value: float = 0.0
+
+    def __post_init__(self):
+        checks.number("Const's value", self.value)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return torch.full_like(u, self.value)
@@ -117,6 +144,14 @@ class Nuisance:
     background: Normal | Uniform | Const = Uniform(0.0, 1.0)
     exposure: Normal | Uniform | Const = Normal(1.0, 0.2, 0.5, 1.6)  # a gain on the whole image
     white_balance: Normal | Uniform | Const = Normal(0.0, 0.08, -0.25, 0.25)  # > 0 warmer, < 0 colder
+
+    def __post_init__(self):
+        for f in fields(self):
+            kinds = (Bernoulli, Const) if f.name in ("glasses", "mask") else (Normal, Uniform, Const)
+            value = getattr(self, f.name)
+            if not isinstance(value, kinds):
+                names = ", ".join(k.__name__ for k in kinds[:-1]) + f" or {kinds[-1].__name__}"
+                raise TypeError(f"Nuisance's {f.name} must be a {names}, got {value!r}")
 
     @staticmethod
     def frontal() -> Nuisance:
@@ -215,6 +250,13 @@ class Group:
     weight: float = 1.0
     spread: float = 1.0
     shape_offset: float = 0.0  # shifts every shape factor's mean (in logit units)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise TypeError(f"a Group's name must be a string, got {self.name!r}")
+        checks.number(f"the weight of group {self.name!r}", self.weight, lo=0)
+        checks.number(f"the spread of group {self.name!r}", self.spread, lo=0)
+        checks.number(f"the shape_offset of group {self.name!r}", self.shape_offset)
 
 
 DEFAULT_GROUPS = (Group(),)
@@ -348,11 +390,25 @@ class SynthFaces:
     groups: Sequence[Group] = DEFAULT_GROUPS
 
     def __post_init__(self):
-        if self.size < 16:
-            raise ValueError(f"size must be at least 16 pixels, got {self.size}")
-        if self.images_per_identity < 1 or len(self.identities) < 1:
-            raise ValueError("SynthFaces needs at least one identity and one image per identity")
-        self.ids = torch.as_tensor(list(self.identities), dtype=torch.int64)
+        checks.integer("size (pixels)", self.size, lo=16)
+        checks.integer("images_per_identity", self.images_per_identity, lo=1)
+        checks.integer("seed", self.seed)
+        if not isinstance(self.nuisance, Nuisance):
+            raise TypeError(f"nuisance must be a Nuisance, got {self.nuisance!r}")
+        if not len(self.groups) or not all(isinstance(g, Group) for g in self.groups):
+            raise TypeError(f"groups must be one or more Group, got {self.groups!r}")
+        if sum(g.weight for g in self.groups) <= 0:
+            raise ValueError("the groups' weights must not all be 0")
+        ids = torch.as_tensor(list(self.identities))
+        if not len(ids):
+            raise ValueError("SynthFaces needs at least one identity")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"identities must be integers, got {ids.dtype}")
+        values, counts = ids.unique(return_counts=True)
+        if (counts > 1).any():
+            twice = values[counts > 1][:3].tolist()
+            raise ValueError(f"identities must be distinct (each id is one face), got {twice} more than once")
+        self.ids = ids.to(torch.int64)
         # drawn in float64 (exact hashing), kept in float32: what the renderer computes in
         drawn = _draw_identities(self.ids, self.seed, self.groups)
         self._identity = {k: v.float() if v.is_floating_point() else v for k, v in drawn.items()}
@@ -408,18 +464,24 @@ class SynthFaces:
         )
         return images, meta["label"].to(device), meta
 
+    def _label(self, label) -> int:
+        return checks.integer("label", label, lo=0, hi=self.num_classes - 1)
+
     @staticmethod
     def _explicit(nuisance: dict[str, float], device) -> dict[str, torch.Tensor]:
         """One image's nuisance values: the given ones, frontal defaults for the rest."""
         unknown = set(nuisance) - set(NUISANCES)
         if unknown:
             raise ValueError(f"unknown nuisance {sorted(unknown)}; choose from {', '.join(NUISANCES)}")
+        for k, v in nuisance.items():
+            checks.number(k, v)
         values = {k: c.value for k, c in vars(Nuisance.frontal()).items() if isinstance(c, Const)}
         values.update({"background": 0.5, **nuisance})
         return {k: torch.tensor([float(values[k])], device=device) for k in NUISANCES}
 
     def render(self, label: int, device: torch.device | str = "cpu", **nuisance: float) -> torch.Tensor:
         """One face of identity `label` under explicit nuisance values (frontal defaults): (3, H, W)."""
+        label = self._label(label)
         nuis = self._explicit(nuisance, device)
         ident = {k: v.to(device) for k, v in self.identity_factors(torch.tensor([label])).items()}
         img = render(ident, nuis, self.size)
@@ -429,6 +491,7 @@ class SynthFaces:
 
     def landmarks(self, label: int, **nuisance: float) -> torch.Tensor:
         """The five landmarks (5, 2) of the face `render(label, **nuisance)` draws, in pixels."""
+        label = self._label(label)
         return landmarks(self.identity_factors(torch.tensor([label])), self._explicit(nuisance, "cpu"), self.size)[0]
 
     def sweep(
@@ -436,6 +499,7 @@ class SynthFaces:
     ) -> torch.Tensor:
         """Identity `label` with one nuisance swept over `values` (default: `SWEEPS`), the others
         frontal (or as given in `fixed`): (len(values), 3, H, W)."""
+        checks.choice("factor", factor, NUISANCES)
         values = SWEEPS[factor][2] if values is None else values
         return torch.stack([self.render(label, device, **{**fixed, factor: v}) for v in values])
 
