@@ -28,13 +28,15 @@ def number(
     hi: float | None = None,
     above: float | None = None,
     below: float | None = None,
+    finite: bool = True,
 ) -> float:
-    """`value` as a finite float within [lo, hi] (or the open bounds `above` / `below`)."""
+    """`value` as a finite float (with `finite` False: or an infinite one, never NaN) within
+    [lo, hi] (or the open bounds `above` / `below`)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be {'finite' if finite else 'a number, not NaN'}, got {value}")
     if (
         (lo is not None and value < lo)
         or (hi is not None and value > hi)

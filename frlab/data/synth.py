@@ -27,7 +27,6 @@ colours come from one population-wide prior, whatever the group.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -65,10 +64,7 @@ def hash_uniform(*keys: torch.Tensor | int) -> torch.Tensor:
 def _bounds(kind: str, lo, hi, finite: bool = False) -> None:
     """lo and hi: numbers (infinite too, unless `finite`) with lo <= hi."""
     for name, v in (("lo", lo), ("hi", hi)):
-        if finite:
-            checks.number(f"{kind}'s {name}", v)
-        elif isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
-            raise TypeError(f"{kind}'s {name} must be a number, got {v!r}")
+        checks.number(f"{kind}'s {name}", v, finite=finite)
     if lo > hi:
         raise ValueError(f"{kind}'s lo must not exceed its hi, got lo={lo:g} > hi={hi:g}")
 
